@@ -1,0 +1,82 @@
+"""Where the Hydra config lives, the ``recipe`` group, and the checks run before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _find(name: str) -> Path:
+    """``conf/`` and ``recipes/`` sit at the repo top level, and inside the package in a built wheel."""
+    for candidate in (_PACKAGE_DIR / name, _PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"autoglm_distill cannot find its {name}/ folder next to {_PACKAGE_DIR}")
+
+
+CONF_DIR = _find("conf")
+RECIPES_DIR = _find("recipes")
+
+
+def register_recipes() -> list[str]:
+    """Register every ``recipes/*.yaml`` as an option of the group ``recipe`` (package ``_global_``).
+
+    The group is not optional, so ``recipe=typo`` fails with Hydra's list of the recipes.
+    """
+    store = ConfigStore.instance()
+    names = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
+
+
+def best_precision() -> str:
+    """bf16 autocast on a GPU that has it, fp32 otherwise."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("best_precision"):
+        OmegaConf.register_new_resolver("best_precision", best_precision)
+
+
+class ConfigError(ValueError):
+    """The run's config is inconsistent; the message lists every problem and its fix."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole config before anything is loaded; report all problems at once."""
+    problems = []
+    if cfg.teacher.path is None and cfg.teacher.scratch is None:
+        problems.append(
+            "teacher.path is null and the teacher has no `scratch` section: set teacher.path=<hub id or "
+            "folder>, or choose a teacher trained here (teacher=scratch_text)."
+        )
+    if cfg.teacher.kind not in ("image_text", "causal_lm"):
+        problems.append(f"teacher.kind={cfg.teacher.kind!r}: use image_text or causal_lm.")
+    if cfg.student.path is None and cfg.student.arch not in ("glm4v", "glm4"):
+        problems.append(
+            f"student.arch={cfg.student.arch!r}: use glm4v or glm4, or load one with student.path=<folder>."
+        )
+    if cfg.data.on_bad_example not in ("fail", "skip"):
+        problems.append(f"data.on_bad_example={cfg.data.on_bad_example!r}: use fail or skip.")
+    loss = cfg.distill.loss
+    if not 0.0 <= loss.alpha <= 1.0:
+        problems.append(f"distill.loss.alpha={loss.alpha}: must lie in [0, 1].")
+    if loss.temperature <= 0:
+        problems.append(f"distill.loss.temperature={loss.temperature}: must be > 0.")
+    unknown = set(cfg.eval.splits) - {"train", "val", "test"}
+    if unknown:
+        problems.append(f"eval.splits has {sorted(unknown)}: choose from train, val, test.")
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
+        problems.append("trainer.max_steps must be a positive number of optimizer steps.")
+    if problems:
+        raise ConfigError("Invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

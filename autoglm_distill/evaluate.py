@@ -1,0 +1,101 @@
+"""Evaluation: greedy generation scored with Open-AutoGLM's action parser, and teacher-forced agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import torch
+from rich.progress import track
+from transformers import PreTrainedModel
+
+from autoglm_distill.actions import ActionMetrics
+from autoglm_distill.data.phone import ChatEncoder, Collator
+from autoglm_distill.module import model_inputs
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, length - len(p) :] = torch.as_tensor(p)
+        attention_mask[i, length - len(p) :] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    encoder: ChatEncoder,
+    split: datasets.Dataset,
+    root: Path,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy answers of ``model`` to every prompt of ``split`` (left-padded batches, KV cache)."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer = encoder.tokenizer
+    answers: list[str] = []
+    for start in track(range(0, len(split), batch_size), description=desc, transient=True):
+        rows = split[start : start + batch_size]
+        prompts, images = [], []
+        for messages in rows["messages"]:
+            ids, paths = encoder.encode_prompt(json.loads(messages), root)
+            prompts.append(ids)
+            images += paths
+        input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images:
+            inputs.update(encoder.pixels(images, root))
+            inputs["mm_token_type_ids"] = (input_ids == encoder.image_token_id).long()
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        answers += tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+    return answers
+
+
+def score_answers(answers: list[str], split: datasets.Dataset) -> dict[str, float]:
+    """Parse rate, action-type accuracy, tap-in-element and exact match against the references."""
+    references = [json.loads(m)[-1]["content"] for m in split["messages"]]
+    bboxes = [b or None for b in split["bbox"]]
+    metric = ActionMetrics()
+    metric.update(answers, references, bboxes)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    encoder: ChatEncoder,
+    split: datasets.Dataset,
+    root: Path,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Per-token CE on the reference answers and top-1 agreement with the teacher (same positions)."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(encoder, root)
+    ce_sum, agree_sum, n = 0.0, 0.0, 0
+    for start in range(0, len(split), batch_size):
+        batch = collate([split[i] for i in range(start, min(start + batch_size, len(split)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = model_inputs(batch)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        logits = model(**inputs).logits[:, :-1][mask].float()
+        ce_sum += torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum").item()
+        if teacher is not None:
+            teacher_logits = teacher(**inputs).logits[:, :-1][mask]
+            agree_sum += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
+        n += int(mask.sum())
+    result = {"ce": ce_sum / max(n, 1)}
+    if teacher is not None:
+        result["top1_agreement"] = agree_sum / max(n, 1)
+    return result

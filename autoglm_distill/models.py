@@ -1,0 +1,161 @@
+"""Teacher and student builders: ``from_pretrained`` on a hub id or folder, or a fresh model from a preset.
+
+Two families are supported: ``glm4v`` (GLM-4.1V, ``Glm4vForConditionalGeneration``: the AutoGLM phone
+agent's architecture, image + text) and ``glm4`` (the GLM-4 text decoder, ``Glm4ForCausalLM``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Glm4Config,
+    Glm4ForCausalLM,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from autoglm_distill.tokenizer import STOP_TOKENS
+
+log = logging.getLogger(__name__)
+
+AUTO_CLASSES = {"image_text": AutoModelForImageTextToText, "causal_lm": AutoModelForCausalLM}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded or does not fit the run; the message says how to fix it."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype={name!r} is not supported: use auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": [ids(t) for t in STOP_TOKENS],
+    }
+
+
+def build_model(arch: str, config: dict, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A randomly initialised ``glm4`` or ``glm4v`` model whose vocabulary matches ``tokenizer``.
+
+    Args:
+        arch: ``glm4v`` or ``glm4``.
+        config: architecture values (for glm4v: ``text_config`` / ``vision_config`` dicts).
+        tokenizer: the shared tokenizer; gives the vocabulary size and the special-token ids.
+    """
+    config = dict(config)
+    tokens = _token_ids(tokenizer)
+    if arch == "glm4":
+        cfg = Glm4Config(vocab_size=len(tokenizer), **tokens, **config)
+        return Glm4ForCausalLM(cfg)
+    if arch == "glm4v":
+        ids = tokenizer.convert_tokens_to_ids
+        text_config = dict(config.pop("text_config", {}), vocab_size=len(tokenizer), **tokens)
+        vision_config = dict(config.pop("vision_config", {}))
+        vision_config["out_hidden_size"] = text_config["hidden_size"]
+        cfg = Glm4vConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=ids("<|image|>"),
+            image_start_token_id=ids("<|begin_of_image|>"),
+            image_end_token_id=ids("<|end_of_image|>"),
+            video_token_id=ids("<|video|>"),
+            video_start_token_id=ids("<|begin_of_video|>"),
+            video_end_token_id=ids("<|end_of_video|>"),
+            **config,
+        )
+        model = Glm4vForConditionalGeneration(cfg)
+        model.generation_config.eos_token_id = tokens["eos_token_id"]
+        model.generation_config.pad_token_id = tokens["pad_token_id"]
+        return model
+    raise ModelLoadError(f"Unknown student/teacher arch {arch!r}: use glm4v or glm4.")
+
+
+def load_pretrained(
+    path: str, kind: str, dtype: str = "auto", trust_remote_code: bool = False, role: str = "teacher"
+) -> PreTrainedModel:
+    """``from_pretrained`` on a hub id or local folder, with an error that says how to fix a miss.
+
+    Args:
+        path: hub id (``zai-org/AutoGLM-Phone-9B``) or a local folder.
+        kind: ``image_text`` or ``causal_lm``: which Auto class loads it.
+        dtype: ``auto`` | ``float32`` | ``bfloat16`` | ``float16``.
+        trust_remote_code: passed through; off unless the user turns it on.
+        role: ``teacher`` or ``student``, for messages.
+    """
+    if trust_remote_code:
+        log.warning("%s: trust_remote_code=True, code shipped with %s will run", role, path)
+    local = Path(path).expanduser()
+    looks_local = local.is_absolute() or path.startswith((".", "~")) or local.exists()
+    if looks_local and not (local / "config.json").is_file():
+        raise ModelLoadError(
+            f"{role}.path={path!r} is not a Hugging Face model folder (no config.json there). "
+            f"Point {role}.path at a folder made by save_pretrained, e.g. a downloaded copy of the hub model."
+        )
+    try:
+        return AUTO_CLASSES[kind].from_pretrained(
+            str(local) if looks_local else path,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        hint = (
+            f"If this machine has no network or no cached weights, download the model where the hub is "
+            f"reachable (`hf download {path} --local-dir /models/{Path(path).name}`) and run with "
+            f"{role}.path=/models/{Path(path).name}."
+            if not looks_local
+            else f"Check that {path} holds the weights of a {kind} model ({role}.kind={kind})."
+        )
+        raise ModelLoadError(f"Could not load the {role} from {path!r}: {err}\n{hint}") from err
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Teacher mode: eval, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def is_image_text(model: PreTrainedModel) -> bool:
+    return getattr(model.config, "vision_config", None) is not None
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the output projection: the size of the logits the KD loss compares."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer_size: int) -> None:
+    """Fail before training when the teacher's and student's logits cannot be compared."""
+    t, s = vocab_size(teacher), vocab_size(student)
+    if t != s:
+        raise ModelLoadError(
+            f"Teacher and student vocabularies differ: teacher has {t} logits, student has {s}. "
+            "KD compares them token by token, so the student must use the teacher's tokenizer: build it "
+            "from a preset (student.path=null) or load one made for this teacher."
+        )
+    if tokenizer_size > t:
+        raise ModelLoadError(
+            f"The tokenizer has {tokenizer_size} tokens but the models only {t} logits: "
+            "the tokenizer does not belong to this teacher."
+        )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

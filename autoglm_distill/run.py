@@ -1,0 +1,318 @@
+"""The distillation run, top to bottom: ``python -m autoglm_distill recipe=<name> [overrides]``.
+
+1. data        generate the synthetic set (if configured), read and tokenize the splits
+2. teacher     load with from_pretrained (hub id or folder), or train one here first (teacher=scratch_*)
+3. student     build from a preset or load with from_pretrained; vocabularies must match
+4. distill     Lightning fit: KD + hard-label loss; the student is saved to <run dir>/student
+5. baseline    (optional) the same student on hard labels only, same steps and data
+6. evaluate    greedy generation + action metrics, teacher-forced CE and top-1 agreement
+7. summary     <run dir>/summary.json and a table; the W&B run is finished even when a stage fails
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from autoglm_distill import config as config_lib
+from autoglm_distill.data import synth
+from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
+from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
+from autoglm_distill.losses import DistillationLoss
+from autoglm_distill.models import (
+    ModelLoadError,
+    build_model,
+    check_compatible,
+    count_parameters,
+    freeze,
+    is_image_text,
+    load_pretrained,
+)
+from autoglm_distill.module import DistillModule
+from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
+from autoglm_distill.utils import rank_zero_logger, save_dir_atomic, write_json_atomic
+
+log = rank_zero_logger(__name__)
+
+
+# --- stage helpers ---------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: DictConfig) -> Path:
+    """The data folder; generated first when ``data.generate`` is set (reused if already there)."""
+    root = Path(cfg.data.path)
+    if cfg.data.generate is not None:
+        gen = cfg.data.generate
+        log.info("Generating synthetic phone tasks in %s (reused when the parameters match)", root)
+        synth.generate(
+            root,
+            n_train=gen.n_train,
+            n_val=gen.n_val,
+            n_test=gen.n_test,
+            seed=gen.seed,
+            images=gen.images,
+            image_size=tuple(gen.image_size),
+        )
+    return root
+
+
+def train_texts(root: Path) -> list[str]:
+    """Every text of the training split: the corpus for a locally trained tokenizer."""
+    texts = []
+    with open(root / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            for message in json.loads(line)["messages"]:
+                content = message["content"]
+                texts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
+    return texts
+
+
+def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> pl.Trainer:
+    """A Trainer for one stage: its own checkpoint folder, its metrics prefixed in the loggers."""
+    callbacks = []
+    for name, cb_cfg in (cfg.callbacks or {}).items():
+        overrides = {"dirpath": str(Path(cb_cfg.dirpath) / stage)} if "dirpath" in cb_cfg else {}
+        callbacks.append(instantiate(cb_cfg, **overrides))
+        log.info("Instantiating callback %s <%s> for %s", name, cb_cfg._target_, stage)
+    prefix = "" if stage == "distill" else stage
+    loggers = [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
+    overrides: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    if not callbacks:
+        overrides["enable_checkpointing"] = False
+    return instantiate(cfg.trainer, **overrides)
+
+
+def fit(cfg, stage, model, datamodule, loss, max_steps=None, lr=None, warmup=None, ckpt_path=None) -> dict:
+    """Train ``model`` for one stage; returns the stage's final metrics."""
+    optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
+    scheduler = instantiate(cfg.scheduler, **({"num_warmup_steps": warmup} if warmup is not None else {}))
+    module = DistillModule(student=model["student"], teacher=model.get("teacher"), loss=loss,
+                           optimizer=optimizer, scheduler=scheduler)
+    trainer = make_trainer(cfg, stage, max_steps)
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(steps=trainer.global_step, seconds=round(time.perf_counter() - started, 1))
+    return metrics
+
+
+def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
+    if ckpt_path is None:
+        return None
+    path = out_dir / "checkpoints" / "distill" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Rerun the same command with the same "
+            "hydra.run.dir to resume its last checkpoint, or pass ckpt_path=<file.ckpt>."
+        )
+    return str(path)
+
+
+def save_model(path: Path, model, tokenizer, image_processor) -> Path:
+    """A Hugging Face folder (weights, tokenizer, image processor) loadable with from_pretrained."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
+
+    return save_dir_atomic(path, write)
+
+
+def print_table(rows: dict[str, dict], split: str) -> None:
+    table = Table(title=f"autoglm_distill: {split} split")
+    columns = ["params", "action_type_acc", "tap_in_element", "exact_match", "parse_rate", "top1_agreement", "ce"]
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, r in rows.items():
+        m = r.get(split, {})
+        cells = [f"{r['params']:,}"] + [f"{m[c]:.3f}" if c in m else "-" for c in columns[1:]]
+        table.add_row(name, *cells)
+    Console(width=140).print(table)
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run every stage of ``cfg``; returns the summary (also written to <run dir>/summary.json)."""
+    config_lib.validate(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    summary: dict[str, Any] = {"run_name": cfg.run_name, "status": "running", "stages": {}}
+    summary_path = out_dir / "summary.json"
+    pl.seed_everything(cfg.seed, workers=True)
+    try:
+        # 1. data
+        root = prepare_data(cfg)
+
+        # 2. teacher (and with it the tokenizer and image processor)
+        teacher_path = cfg.teacher.path
+        if teacher_path is None:
+            teacher_path = out_dir / "teacher"
+            if (teacher_path / "config.json").is_file():
+                log.info("Reusing the teacher trained earlier in this run dir: %s", teacher_path)
+            else:
+                summary["stages"]["teacher_pretrain"] = train_scratch_teacher(cfg, root, teacher_path)
+        log.info("Instantiating teacher <%s> from %s", cfg.teacher.kind, teacher_path)
+        teacher = freeze(load_pretrained(str(teacher_path), cfg.teacher.kind, cfg.teacher.dtype,
+                                         cfg.teacher.trust_remote_code, role="teacher"))
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
+        image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if is_image_text(teacher) else None
+
+        # 3. student
+        student = build_student(cfg, tokenizer)
+        check_compatible(teacher, student, len(tokenizer))
+        use_images = is_image_text(teacher) and is_image_text(student)
+        encoder = ChatEncoder(tokenizer, image_processor if use_images else None, cfg.data.max_length)
+        datamodule = PhoneDataModule(root, encoder, cfg.data.batch_size, cfg.data.num_workers,
+                                     cfg.data.on_bad_example, cfg.seed)
+        datamodule.setup()
+        summary["data"] = {
+            "path": str(root),
+            "images": use_images,
+            "examples": {s: len(d) for s, d in datamodule.splits.items()},
+            "skipped": {s: [str(b) for b in bad] for s, bad in datamodule.bad_examples.items()},
+        }
+        log.info("Teacher %s params, student %s params (%.1fx smaller), images=%s",
+                 f"{count_parameters(teacher):,}", f"{count_parameters(student):,}",
+                 count_parameters(teacher) / count_parameters(student), use_images)
+
+        # 4. distill
+        log.info("Instantiating loss <%s>", cfg.distill.loss.kind)
+        loss = instantiate(cfg.distill.loss)
+        summary["stages"]["distill"] = fit(cfg, "distill", {"student": student, "teacher": teacher}, datamodule,
+                                           loss, ckpt_path=resolve_ckpt(cfg.ckpt_path, out_dir))
+        save_model(out_dir / "student", student, tokenizer, image_processor)
+        log.info("Saved the distilled student to %s", out_dir / "student")
+        models = {"teacher": teacher, "student": student}
+
+        # 5. baseline: same student architecture and seed, hard labels only
+        if cfg.baseline:
+            pl.seed_everything(cfg.seed, workers=True)
+            baseline = build_student(cfg, tokenizer)
+            hard = DistillationLoss(kind=loss.kind, temperature=loss.temperature, alpha=0.0)
+            summary["stages"]["baseline"] = fit(cfg, "baseline", {"student": baseline}, datamodule, hard)
+            save_model(out_dir / "baseline", baseline, tokenizer, image_processor)
+            models["baseline"] = baseline
+
+        # 6. evaluate
+        summary["eval"] = evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir)
+        for split in cfg.eval.splits:
+            print_table(summary["eval"], split)
+        summary["status"] = "completed"
+        return summary
+    except BaseException as err:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        summary["config"] = OmegaConf.to_container(cfg, resolve=True)
+        write_json_atomic(summary_path, summary)
+        finish_wandb(summary)
+
+
+def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
+    """Train a teacher here (stand-in for AutoGLM when it cannot be downloaded) and save it to ``path``."""
+    scratch = cfg.teacher.scratch
+    log.info("Training a tokenizer (vocab %d) on %s", scratch.tokenizer_vocab_size, root / "train.jsonl")
+    tokenizer = train_glm_tokenizer(train_texts(root), vocab_size=scratch.tokenizer_vocab_size)
+    image_processor = None
+    if scratch.arch == "glm4v":
+        image_processor = build_image_processor(tuple(cfg.data.generate.image_size))
+    log.info("Instantiating scratch teacher <%s>", scratch.arch)
+    model = build_model(scratch.arch, OmegaConf.to_container(scratch.config), tokenizer)
+    encoder = ChatEncoder(tokenizer, image_processor, cfg.data.max_length)
+    datamodule = PhoneDataModule(root, encoder, cfg.data.batch_size, cfg.data.num_workers,
+                                 cfg.data.on_bad_example, cfg.seed)
+    hard = DistillationLoss(alpha=0.0)
+    metrics = fit(cfg, "teacher_pretrain", {"student": model}, datamodule, hard,
+                  max_steps=scratch.max_steps, lr=scratch.lr, warmup=scratch.warmup_steps)
+    save_model(path, model, tokenizer, image_processor)
+    return metrics
+
+
+def build_student(cfg: DictConfig, tokenizer):
+    s = cfg.student
+    if s.path is not None:
+        log.info("Instantiating student from %s", s.path)
+        kind = "image_text" if s.arch == "glm4v" else "causal_lm"
+        return load_pretrained(s.path, kind, s.dtype, s.trust_remote_code, role="student")
+    log.info("Instantiating student <%s> from preset", s.arch)
+    return build_model(s.arch, OmegaConf.to_container(s.config), tokenizer).to(config_lib_dtype(s.dtype))
+
+
+def config_lib_dtype(name: str) -> torch.dtype:
+    from autoglm_distill.models import resolve_dtype
+
+    return resolve_dtype(name)
+
+
+def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) -> dict:
+    """Greedy-generation action metrics and teacher-forced metrics for every model on every eval split."""
+    results: dict[str, dict] = {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name, model in models.items():
+        model.to(device)
+        results[name] = {"params": count_parameters(model)}
+        for split in cfg.eval.splits:
+            data = datamodule.splits[split]
+            if cfg.eval.limit is not None:
+                data = data.select(range(min(cfg.eval.limit, len(data))))
+            answers = generate_answers(model, encoder, data, datamodule.root, cfg.eval.batch_size,
+                                       cfg.eval.max_new_tokens, desc=f"{name} on {split}")
+            metrics = score_answers(answers, data)
+            metrics.update(teacher_forced(model, None if name == "teacher" else teacher.to(device), encoder,
+                                          data, datamodule.root, cfg.eval.batch_size))
+            results[name][split] = metrics
+            write_json_atomic(out_dir / "predictions" / f"{name}_{split}.json",
+                              [{"id": i, "answer": a} for i, a in zip(data["id"], answers)])
+            log.info("%s on %s: %s", name, split, {k: round(v, 4) for k, v in metrics.items()})
+    return results
+
+
+def finish_wandb(summary: dict) -> None:
+    """Close the W&B run (if any) with the summary and the eval table, marked failed when the run failed."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    for name, result in summary.get("eval", {}).items():
+        for split, metrics in result.items():
+            if isinstance(metrics, dict):
+                wandb.run.summary.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
+    if summary.get("eval"):
+        columns = ["model", "split", "params", "action_type_acc", "tap_in_element", "exact_match", "top1_agreement"]
+        rows = [[n, s, r["params"], *(m.get(c) for c in columns[3:])]
+                for n, r in summary["eval"].items() for s, m in r.items() if isinstance(m, dict)]
+        wandb.log({"eval/table": wandb.Table(columns=columns, data=rows)})
+    wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
+
+
+config_lib.register_recipes()
+config_lib.register_resolvers()
+
+
+@hydra.main(config_path=str(config_lib.CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
