@@ -151,8 +151,7 @@ class ActionMetrics(Metric):
         """
         if not len(predictions) == len(references) == len(bboxes):
             raise ValueError(
-                f"length mismatch: {len(predictions)} predictions, {len(references)} references, "
-                f"{len(bboxes)} bboxes"
+                f"length mismatch: {len(predictions)} predictions, {len(references)} references, {len(bboxes)} bboxes"
             )
         counts = dict.fromkeys(self._STATES, 0)
         for pred_text, ref_text, bbox in zip(predictions, references, bboxes, strict=True):

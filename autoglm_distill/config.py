@@ -60,14 +60,21 @@ def validate(cfg: DictConfig) -> None:
             "teacher.path is null and the teacher has no `scratch` section: set teacher.path=<hub id or "
             "folder>, or choose a teacher trained here (teacher=scratch_text)."
         )
-    if cfg.teacher.kind not in ("image_text", "causal_lm"):
-        problems.append(f"teacher.kind={cfg.teacher.kind!r}: use image_text or causal_lm.")
+    if cfg.teacher.kind not in ("image_text", "causal_lm", "auto"):
+        problems.append(f"teacher.kind={cfg.teacher.kind!r}: use image_text, causal_lm or auto.")
     if cfg.student.path is None and cfg.student.arch not in ("glm4v", "glm4"):
         problems.append(
             f"student.arch={cfg.student.arch!r}: use glm4v or glm4, or load one with student.path=<folder>."
         )
     if cfg.data.on_bad_example not in ("fail", "skip"):
         problems.append(f"data.on_bad_example={cfg.data.on_bad_example!r}: use fail or skip.")
+    generate = cfg.data.get("generate")
+    missing = {"n_train", "n_val", "n_test", "seed", "images", "image_size"} - set(generate or {})
+    if generate is not None and missing:
+        problems.append(
+            f"data.generate lacks {sorted(missing)} (a recipe set only part of it?): to use your own data "
+            "add data.generate=null, else give the missing keys."
+        )
     loss = cfg.distill.loss
     if not 0.0 <= loss.alpha <= 1.0:
         problems.append(f"distill.loss.alpha={loss.alpha}: must lie in [0, 1].")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     Glm4Config,
@@ -94,7 +95,7 @@ def load_pretrained(
 
     Args:
         path: hub id (``zai-org/AutoGLM-Phone-9B``) or a local folder.
-        kind: ``image_text`` or ``causal_lm``: which Auto class loads it.
+        kind: ``image_text`` or ``causal_lm``: which Auto class loads it; ``auto`` reads config.json.
         dtype: ``auto`` | ``float32`` | ``bfloat16`` | ``float16``.
         trust_remote_code: passed through; off unless the user turns it on.
         role: ``teacher`` or ``student``, for messages.
@@ -108,9 +109,13 @@ def load_pretrained(
             f"{role}.path={path!r} is not a Hugging Face model folder (no config.json there). "
             f"Point {role}.path at a folder made by save_pretrained, e.g. a downloaded copy of the hub model."
         )
+    source = str(local) if looks_local else path
     try:
+        if kind == "auto":  # image-text when the config has a vision tower
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            kind = "image_text" if getattr(config, "vision_config", None) is not None else "causal_lm"
         return AUTO_CLASSES[kind].from_pretrained(
-            str(local) if looks_local else path,
+            source,
             dtype=resolve_dtype(dtype),
             trust_remote_code=trust_remote_code,
         )

@@ -31,13 +31,13 @@ from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
 from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import (
-    ModelLoadError,
     build_model,
     check_compatible,
     count_parameters,
     freeze,
     is_image_text,
     load_pretrained,
+    resolve_dtype,
 )
 from autoglm_distill.module import DistillModule
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
@@ -78,6 +78,15 @@ def train_texts(root: Path) -> list[str]:
     return texts
 
 
+def start_loggers(cfg: DictConfig, prefix: str = "") -> list:
+    """The configured experiment loggers; the first call starts the W&B run and records the config."""
+    loggers = [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
+    if not prefix:
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
 def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> pl.Trainer:
     """A Trainer for one stage: its own checkpoint folder, its metrics prefixed in the loggers."""
     callbacks = []
@@ -85,8 +94,7 @@ def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> p
         overrides = {"dirpath": str(Path(cb_cfg.dirpath) / stage)} if "dirpath" in cb_cfg else {}
         callbacks.append(instantiate(cb_cfg, **overrides))
         log.info("Instantiating callback %s <%s> for %s", name, cb_cfg._target_, stage)
-    prefix = "" if stage == "distill" else stage
-    loggers = [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
+    loggers = start_loggers(cfg, prefix="" if stage == "distill" else stage)
     overrides: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     if max_steps is not None:
         overrides["max_steps"] = max_steps
@@ -99,8 +107,13 @@ def fit(cfg, stage, model, datamodule, loss, max_steps=None, lr=None, warmup=Non
     """Train ``model`` for one stage; returns the stage's final metrics."""
     optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
     scheduler = instantiate(cfg.scheduler, **({"num_warmup_steps": warmup} if warmup is not None else {}))
-    module = DistillModule(student=model["student"], teacher=model.get("teacher"), loss=loss,
-                           optimizer=optimizer, scheduler=scheduler)
+    module = DistillModule(
+        student=model["student"],
+        teacher=model.get("teacher"),
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
     trainer = make_trainer(cfg, stage, max_steps)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -135,7 +148,15 @@ def save_model(path: Path, model, tokenizer, image_processor) -> Path:
 
 def print_table(rows: dict[str, dict], split: str) -> None:
     table = Table(title=f"autoglm_distill: {split} split")
-    columns = ["params", "action_type_acc", "tap_in_element", "exact_match", "parse_rate", "top1_agreement", "ce"]
+    columns = [
+        "params",
+        "action_type_acc",
+        "tap_in_element",
+        "exact_match",
+        "parse_rate",
+        "top1_agreement",
+        "ce",
+    ]
     table.add_column("model")
     for c in columns:
         table.add_column(c, justify="right")
@@ -157,6 +178,7 @@ def run(cfg: DictConfig) -> dict:
     summary_path = out_dir / "summary.json"
     pl.seed_everything(cfg.seed, workers=True)
     try:
+        start_loggers(cfg)  # the W&B run starts now, so even a failed load is recorded
         # 1. data
         root = prepare_data(cfg)
 
@@ -169,8 +191,15 @@ def run(cfg: DictConfig) -> dict:
             else:
                 summary["stages"]["teacher_pretrain"] = train_scratch_teacher(cfg, root, teacher_path)
         log.info("Instantiating teacher <%s> from %s", cfg.teacher.kind, teacher_path)
-        teacher = freeze(load_pretrained(str(teacher_path), cfg.teacher.kind, cfg.teacher.dtype,
-                                         cfg.teacher.trust_remote_code, role="teacher"))
+        teacher = freeze(
+            load_pretrained(
+                str(teacher_path),
+                cfg.teacher.kind,
+                cfg.teacher.dtype,
+                cfg.teacher.trust_remote_code,
+                role="teacher",
+            )
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
         image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if is_image_text(teacher) else None
 
@@ -179,8 +208,9 @@ def run(cfg: DictConfig) -> dict:
         check_compatible(teacher, student, len(tokenizer))
         use_images = is_image_text(teacher) and is_image_text(student)
         encoder = ChatEncoder(tokenizer, image_processor if use_images else None, cfg.data.max_length)
-        datamodule = PhoneDataModule(root, encoder, cfg.data.batch_size, cfg.data.num_workers,
-                                     cfg.data.on_bad_example, cfg.seed)
+        datamodule = PhoneDataModule(
+            root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
+        )
         datamodule.setup()
         summary["data"] = {
             "path": str(root),
@@ -188,15 +218,25 @@ def run(cfg: DictConfig) -> dict:
             "examples": {s: len(d) for s, d in datamodule.splits.items()},
             "skipped": {s: [str(b) for b in bad] for s, bad in datamodule.bad_examples.items()},
         }
-        log.info("Teacher %s params, student %s params (%.1fx smaller), images=%s",
-                 f"{count_parameters(teacher):,}", f"{count_parameters(student):,}",
-                 count_parameters(teacher) / count_parameters(student), use_images)
+        log.info(
+            "Teacher %s params, student %s params (%.1fx smaller), images=%s",
+            f"{count_parameters(teacher):,}",
+            f"{count_parameters(student):,}",
+            count_parameters(teacher) / count_parameters(student),
+            use_images,
+        )
 
         # 4. distill
         log.info("Instantiating loss <%s>", cfg.distill.loss.kind)
         loss = instantiate(cfg.distill.loss)
-        summary["stages"]["distill"] = fit(cfg, "distill", {"student": student, "teacher": teacher}, datamodule,
-                                           loss, ckpt_path=resolve_ckpt(cfg.ckpt_path, out_dir))
+        summary["stages"]["distill"] = fit(
+            cfg,
+            "distill",
+            {"student": student, "teacher": teacher},
+            datamodule,
+            loss,
+            ckpt_path=resolve_ckpt(cfg.ckpt_path, out_dir),
+        )
         save_model(out_dir / "student", student, tokenizer, image_processor)
         log.info("Saved the distilled student to %s", out_dir / "student")
         models = {"teacher": teacher, "student": student}
@@ -237,11 +277,20 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
     log.info("Instantiating scratch teacher <%s>", scratch.arch)
     model = build_model(scratch.arch, OmegaConf.to_container(scratch.config), tokenizer)
     encoder = ChatEncoder(tokenizer, image_processor, cfg.data.max_length)
-    datamodule = PhoneDataModule(root, encoder, cfg.data.batch_size, cfg.data.num_workers,
-                                 cfg.data.on_bad_example, cfg.seed)
+    datamodule = PhoneDataModule(
+        root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
+    )
     hard = DistillationLoss(alpha=0.0)
-    metrics = fit(cfg, "teacher_pretrain", {"student": model}, datamodule, hard,
-                  max_steps=scratch.max_steps, lr=scratch.lr, warmup=scratch.warmup_steps)
+    metrics = fit(
+        cfg,
+        "teacher_pretrain",
+        {"student": model},
+        datamodule,
+        hard,
+        max_steps=scratch.max_steps,
+        lr=scratch.lr,
+        warmup=scratch.warmup_steps,
+    )
     save_model(path, model, tokenizer, image_processor)
     return metrics
 
@@ -250,16 +299,9 @@ def build_student(cfg: DictConfig, tokenizer):
     s = cfg.student
     if s.path is not None:
         log.info("Instantiating student from %s", s.path)
-        kind = "image_text" if s.arch == "glm4v" else "causal_lm"
-        return load_pretrained(s.path, kind, s.dtype, s.trust_remote_code, role="student")
+        return load_pretrained(s.path, "auto", s.dtype, s.trust_remote_code, role="student")
     log.info("Instantiating student <%s> from preset", s.arch)
-    return build_model(s.arch, OmegaConf.to_container(s.config), tokenizer).to(config_lib_dtype(s.dtype))
-
-
-def config_lib_dtype(name: str) -> torch.dtype:
-    from autoglm_distill.models import resolve_dtype
-
-    return resolve_dtype(name)
+    return build_model(s.arch, OmegaConf.to_container(s.config), tokenizer).to(resolve_dtype(s.dtype))
 
 
 def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) -> dict:
@@ -273,14 +315,31 @@ def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) ->
             data = datamodule.splits[split]
             if cfg.eval.limit is not None:
                 data = data.select(range(min(cfg.eval.limit, len(data))))
-            answers = generate_answers(model, encoder, data, datamodule.root, cfg.eval.batch_size,
-                                       cfg.eval.max_new_tokens, desc=f"{name} on {split}")
+            answers = generate_answers(
+                model,
+                encoder,
+                data,
+                datamodule.root,
+                cfg.eval.batch_size,
+                cfg.eval.max_new_tokens,
+                desc=f"{name} on {split}",
+            )
             metrics = score_answers(answers, data)
-            metrics.update(teacher_forced(model, None if name == "teacher" else teacher.to(device), encoder,
-                                          data, datamodule.root, cfg.eval.batch_size))
+            metrics.update(
+                teacher_forced(
+                    model,
+                    None if name == "teacher" else teacher.to(device),
+                    encoder,
+                    data,
+                    datamodule.root,
+                    cfg.eval.batch_size,
+                )
+            )
             results[name][split] = metrics
-            write_json_atomic(out_dir / "predictions" / f"{name}_{split}.json",
-                              [{"id": i, "answer": a} for i, a in zip(data["id"], answers)])
+            write_json_atomic(
+                out_dir / "predictions" / f"{name}_{split}.json",
+                [{"id": i, "answer": a} for i, a in zip(data["id"], answers)],
+            )
             log.info("%s on %s: %s", name, split, {k: round(v, 4) for k, v in metrics.items()})
     return results
 
@@ -298,9 +357,21 @@ def finish_wandb(summary: dict) -> None:
             if isinstance(metrics, dict):
                 wandb.run.summary.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     if summary.get("eval"):
-        columns = ["model", "split", "params", "action_type_acc", "tap_in_element", "exact_match", "top1_agreement"]
-        rows = [[n, s, r["params"], *(m.get(c) for c in columns[3:])]
-                for n, r in summary["eval"].items() for s, m in r.items() if isinstance(m, dict)]
+        columns = [
+            "model",
+            "split",
+            "params",
+            "action_type_acc",
+            "tap_in_element",
+            "exact_match",
+            "top1_agreement",
+        ]
+        rows = [
+            [n, s, r["params"], *(m.get(c) for c in columns[3:])]
+            for n, r in summary["eval"].items()
+            for s, m in r.items()
+            if isinstance(m, dict)
+        ]
         wandb.log({"eval/table": wandb.Table(columns=columns, data=rows)})
     wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
 

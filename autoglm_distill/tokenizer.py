@@ -10,7 +10,6 @@ path that handles the real tokenizer handles this one too.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -54,6 +53,7 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}<|assistant|>{{ '\\n' }}{%- endif %}"
 )
+
 
 def train_glm_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE with GLM-4.1V's special tokens and chat template.
@@ -99,5 +99,3 @@ def build_image_processor(image_size: tuple[int, int]):
 
     width, height = image_size
     return Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28 * 2, "longest_edge": 2 * width * height})
-
-

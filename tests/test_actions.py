@@ -59,10 +59,7 @@ def test_type_keeps_quotes_and_commas() -> None:
 
 
 def test_finish_message_with_quotes_and_newlines() -> None:
-    assert (
-        try_parse(wrap('finish(message="He said "yes",\nthen left")'))["message"]
-        == 'He said "yes",\nthen left'
-    )
+    assert try_parse(wrap('finish(message="He said "yes",\nthen left")'))["message"] == 'He said "yes",\nthen left'
 
 
 def test_do_with_newline_in_string_is_escaped() -> None:

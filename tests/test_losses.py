@@ -48,9 +48,7 @@ def ref_divergence(s: list[float], t: list[float], kind: str, temp: float, beta:
     return kl(q, mix(q, p, skew))
 
 
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5
-) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
     # torch.testing.assert_close costs ~1 s on first use (it imports torch.distributed), so a lean version.
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert torch.allclose(actual, expected, rtol=rtol, atol=atol), f"{actual} != {expected}"
@@ -92,9 +90,7 @@ def test_full_loss_matches_hand_computed(kind: str) -> None:
     temp, alpha = 2.0, 0.7
     s, t, y = tensors()
     out = DistillationLoss(kind, temperature=temp, alpha=alpha, beta=0.4, skew=0.3)(s, y, t)
-    kd = (
-        sum(ref_divergence(si, ti, kind, temp, 0.4, 0.3) for si, ti in zip(STUDENT, TEACHER, strict=True)) / 2
-    )
+    kd = sum(ref_divergence(si, ti, kind, temp, 0.4, 0.3) for si, ti in zip(STUDENT, TEACHER, strict=True)) / 2
     ce = -sum(math.log(softmax(si)[yi]) for si, yi in zip(STUDENT, LABELS, strict=True)) / 2
     assert isinstance(out, DistillationLossOutput)
     assert out.kd.item() == pytest.approx(kd, rel=1e-5)
@@ -152,9 +148,7 @@ def test_jsd_symmetric_at_half() -> None:
     torch.manual_seed(4)
     s, t = torch.randn(5, 9), torch.randn(5, 9)
     assert_close(token_divergence(s, t, "jsd", beta=0.5), token_divergence(t, s, "jsd", beta=0.5))
-    assert not torch.allclose(
-        token_divergence(s, t, "jsd", beta=0.2), token_divergence(t, s, "jsd", beta=0.2)
-    )
+    assert not torch.allclose(token_divergence(s, t, "jsd", beta=0.2), token_divergence(t, s, "jsd", beta=0.2))
     assert (token_divergence(s, t, "jsd", beta=0.5) <= math.log(2) + 1e-6).all()
 
 

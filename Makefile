@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine; each sets up .venv first when needed.
+#   make demo   the CPU demo: python -m autoglm_distill (recipe=demo)
+#   make test   the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m autoglm_distill
+
+test: setup
+	$(PY) -m pytest -q

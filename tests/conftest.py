@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny synthetic data, a tiny GLM tokenizer and a composed config, all made locally."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# No hub and no W&B account here or in CI: fail fast offline instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from autoglm_distill import config as config_lib
+from autoglm_distill.data import synth
+from autoglm_distill.run import train_texts
+from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = (56, 112)
+
+config_lib.register_recipes()
+config_lib.register_resolvers()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small synthetic data folder with screenshots."""
+    return synth.generate(tmp_path_factory.mktemp("data") / "synth", 32, 8, 8, seed=0, image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir):
+    return train_glm_tokenizer(train_texts(data_dir), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    return build_image_processor(IMAGE_SIZE)
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The run config exactly as the CLI composes it, with the run folder pointed at ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_lib.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m autoglm_distill`` for real, offline, and return the finished process."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "autoglm_distill", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

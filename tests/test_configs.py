@@ -1,0 +1,142 @@
+"""Every option of every config group and every recipe composes and instantiates; bad choices fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from autoglm_distill import config as config_lib
+from autoglm_distill.losses import DistillationLoss
+from autoglm_distill.models import build_model, count_parameters
+
+from .conftest import compose_config, run_cli
+
+GROUPS = ("teacher", "student", "data", "distill", "trainer", "callbacks", "logger", "paths", "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_lib.CONF_DIR / group).glob("*.yaml"))
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in config_lib.RECIPES_DIR.glob("*.yaml"))
+
+
+def test_layout_has_every_group_and_the_required_recipes():
+    for group in GROUPS:
+        assert options(group), f"conf/{group}/ is empty"
+    assert {"smoke", "demo", "phone_small"} <= set(recipes())
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_recipe_composes_and_resolves(recipe, tmp_path):
+    cfg = compose_config([f"recipe={recipe}"], tmp_path)
+    OmegaConf.resolve(cfg)
+    config_lib.validate(cfg)
+    assert cfg.run_name == recipe
+    assert isinstance(instantiate(cfg.distill.loss), DistillationLoss)
+
+
+@pytest.mark.parametrize("name", options("distill"))
+def test_distill_option_instantiates_its_loss(name, tmp_path):
+    cfg = compose_config([f"distill={name}"], tmp_path)
+    loss = instantiate(cfg.distill.loss)
+    assert loss.kind == name
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_option_instantiates(name, tmp_path):
+    cfg = compose_config([f"trainer={name}", "trainer.accelerator=cpu"], tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer, pl.Trainer)
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callbacks_option_instantiates(name, tmp_path):
+    cfg = compose_config([f"callbacks={name}"], tmp_path)
+    for cb in (cfg.callbacks or {}).values():
+        assert isinstance(instantiate(cb), pl.Callback)
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_option_instantiates(name, tmp_path):
+    cfg = compose_config([f"logger={name}"], tmp_path)
+    for lg in (cfg.logger or {}).values():
+        logger = instantiate(lg)
+        assert isinstance(logger, pl.loggers.Logger)
+        assert str(tmp_path) in str(logger.save_dir)
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_option_composes(name, tmp_path):
+    overrides = [f"data={name}"] + (["data.path=/some/folder"] if name == "jsonl" else [])
+    cfg = compose_config(overrides, tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.data.on_bad_example in ("fail", "skip")
+
+
+@pytest.mark.parametrize("group", ["student", "teacher"])
+def test_model_presets_build(group, tokenizer, tmp_path):
+    """Every preset builds (on the meta device: phone_small is ~0.3B parameters) with the tokenizer's vocab."""
+    for name in options(group):
+        cfg = compose_config([f"{group}={name}", f"{group}.path=/models/x"], tmp_path)[group]
+        spec = cfg.get("scratch") or cfg
+        if spec.get("config") is None:  # from_pretrained-only options: loading is covered by test_models
+            continue
+        with torch.device("meta"):
+            model = build_model(spec.arch, OmegaConf.to_container(spec.config), tokenizer)
+        assert model.get_output_embeddings().weight.shape[0] == len(tokenizer), name
+        assert count_parameters(model) > 0
+
+
+def test_phone_small_is_a_few_hundred_million_parameters_at_autoglm_vocab(tmp_path):
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    spec = OmegaConf.to_container(compose_config(["student=phone_small"], tmp_path).student.config)
+    text = dict(spec.pop("text_config"), vocab_size=151552)
+    vision = dict(spec.pop("vision_config"), out_hidden_size=text["hidden_size"])
+    with torch.device("meta"):
+        model = Glm4vForConditionalGeneration(Glm4vConfig(text_config=text, vision_config=vision, **spec))
+    assert 150e6 < count_parameters(model) < 600e6
+
+
+def test_validate_reports_every_problem_at_once(tmp_path):
+    cfg = compose_config(
+        [
+            "distill.loss.alpha=1.5",
+            "distill.loss.temperature=0",
+            "data.on_bad_example=ignore",
+            "eval.splits=[dev]",
+        ],
+        tmp_path,
+    )
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(cfg)
+    message = str(err.value)
+    for key in ("distill.loss.alpha", "distill.loss.temperature", "data.on_bad_example", "eval.splits"):
+        assert key in message
+
+
+def test_wrong_group_option_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["student=huge"], tmp_path)
+    assert "student/huge" in str(err.value)
+
+
+def test_cli_wrong_recipe_fails_with_the_list_of_recipes(tmp_path):
+    proc = run_cli(["recipe=phone_smal", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'recipe/phone_smal'" in proc.stderr
+    for name in recipes():
+        assert name in proc.stderr
+
+
+def test_cli_wrong_override_key_fails_and_names_it(tmp_path):
+    proc = run_cli(["recipe=smoke", "distill.loss.temprature=3", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "temprature" in proc.stderr
+    assert not (tmp_path / "summary.json").exists()

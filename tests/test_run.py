@@ -1,0 +1,118 @@
+"""End to end: the real CLI on tiny Glm4v/GLM-4 models made here, with synthetic screenshots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+from .conftest import run_cli
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("smoke")
+    proc = run_cli(["recipe=smoke", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_smoke_run_leaves_summary_student_and_offline_wandb_run(smoke_run):
+    summary = read_summary(smoke_run)
+    assert summary["status"] == "completed"
+    assert set(summary["stages"]) == {"teacher_pretrain", "distill", "baseline"}
+    assert summary["stages"]["distill"]["steps"] == 4
+    for key in ("train/loss", "train/kd", "train/ce", "val/kd", "val/ce", "val/top1_agreement"):
+        assert key in summary["stages"]["distill"], key
+    assert set(summary["eval"]) == {"teacher", "student", "baseline"}
+    for model in summary["eval"].values():
+        assert {"action_type_acc", "tap_in_element", "exact_match", "parse_rate"} <= set(model["test"])
+    assert summary["data"]["images"] is True
+    assert summary["data"]["examples"] == {"train": 24, "val": 8, "test": 8}
+    assert list((smoke_run / "wandb").glob("offline-run-*")), "no offline W&B run in the run dir"
+    assert (smoke_run / "predictions" / "student_test.json").is_file()
+
+
+def test_smoke_student_loads_with_from_pretrained(smoke_run):
+    student = AutoModelForImageTextToText.from_pretrained(smoke_run / "student")
+    tokenizer = AutoTokenizer.from_pretrained(smoke_run / "student")
+    AutoImageProcessor.from_pretrained(smoke_run / "student")
+    assert student.config.model_type == "glm4v"
+    assert student.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    assert not list(smoke_run.glob("student.tmp-*")), "a temporary folder was left behind"
+
+
+def test_text_only_student_with_csv_logger(tmp_path):
+    proc = run_cli(
+        [
+            "recipe=smoke",
+            "student=tiny_text",
+            "logger=csv",
+            "baseline=false",
+            "distill=jsd",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(tmp_path)
+    assert summary["data"]["images"] is False
+    assert set(summary["eval"]) == {"teacher", "student"}
+    assert (tmp_path / "csv").is_dir()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.model_type == "glm4"
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    proc = run_cli(
+        [
+            "recipe=smoke",
+            "ckpt_path=last",
+            "trainer.max_steps=6",
+            "baseline=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=run_dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Reusing the teacher trained earlier" in proc.stdout + proc.stderr
+    assert read_summary(run_dir)["stages"]["distill"]["steps"] == 6
+
+
+def test_missing_checkpoint_names_the_fix(tmp_path):
+    proc = run_cli(["recipe=smoke", "ckpt_path=/nowhere/x.ckpt", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "ckpt_path='/nowhere/x.ckpt': no checkpoint" in proc.stderr
+
+
+def test_failed_run_still_writes_summary_and_finishes_wandb(tmp_path):
+    proc = run_cli(
+        [
+            "recipe=smoke",
+            "teacher=pretrained",
+            f"teacher.path={tmp_path / 'no-teacher'}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "failed"
+    assert "teacher.path=" in summary["error"] and "no config.json" in summary["error"]
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert run_dirs and list(run_dirs[0].glob("*.wandb"))
+
+
+def test_partial_data_generate_from_a_recipe_is_reported(tmp_path):
+    proc = run_cli(["recipe=smoke", "data=jsonl", "data.path=/data/x", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "data.generate lacks" in proc.stderr and "data.generate=null" in proc.stderr
