@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,67 @@ def test_partial_data_generate_from_a_recipe_is_reported(tmp_path):
     proc = run_cli(["recipe=smoke", "data=jsonl", "data.path=/data/x", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode != 0
     assert "data.generate lacks" in proc.stderr and "data.generate=null" in proc.stderr
+
+
+def test_multirun_sweeps_each_run_into_its_own_folder(tmp_path):
+    proc = run_cli(
+        [
+            "--multirun",
+            "recipe=smoke",
+            "distill.loss.temperature=1,4",
+            "baseline=false",
+            "eval.limit=2",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    temperatures = sorted(read_summary(tmp_path / str(i))["config"]["distill"]["loss"]["temperature"] for i in (0, 1))
+    assert temperatures == [1.0, 4.0]
+
+
+def test_built_wheel_carries_conf_and_recipes(tmp_path):
+    """`pip install <wheel>` then `python -m autoglm_distill recipe=demo` finds its config inside the package."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+    )
+    wheel = next(tmp_path.glob("autoglm_distill-*.whl"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "autoglm_distill/conf/config.yaml").is_file()
+    assert (site / "autoglm_distill/recipes/demo.yaml").is_file()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "autoglm_distill", "recipe=demo", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        "run_name: demo" in proc.stdout.replace("${hydra:runtime.choices.recipe}", "demo")
+        or "scratch_text" in proc.stdout
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", "import autoglm_distill.config as c; print(c.CONF_DIR)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.strip() == str(site / "autoglm_distill" / "conf")
