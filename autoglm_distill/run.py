@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data import synth
-from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
+from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts
 from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import (
@@ -67,17 +66,6 @@ def prepare_data(cfg: DictConfig) -> Path:
     return root
 
 
-def train_texts(root: Path) -> list[str]:
-    """Every text of the training split: the corpus for a locally trained tokenizer."""
-    texts = []
-    with open(root / "train.jsonl", encoding="utf-8") as f:
-        for line in f:
-            for message in json.loads(line)["messages"]:
-                content = message["content"]
-                texts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
-    return texts
-
-
 def start_loggers(cfg: DictConfig, prefix: str = "") -> list:
     """The configured experiment loggers; the first call starts the W&B run and records the config."""
     loggers = [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
@@ -103,17 +91,22 @@ def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> p
     return instantiate(cfg.trainer, **overrides)
 
 
-def fit(cfg, stage, model, datamodule, loss, max_steps=None, lr=None, warmup=None, ckpt_path=None) -> dict:
-    """Train ``model`` for one stage; returns the stage's final metrics."""
+def fit(
+    cfg: DictConfig,
+    stage: str,
+    student,
+    datamodule: PhoneDataModule,
+    loss: DistillationLoss,
+    teacher=None,
+    max_steps: int | None = None,
+    lr: float | None = None,
+    warmup: int | None = None,
+    ckpt_path: str | None = None,
+) -> dict:
+    """Train ``student`` (against ``teacher`` when given) for one stage; returns the stage's final metrics."""
     optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
     scheduler = instantiate(cfg.scheduler, **({"num_warmup_steps": warmup} if warmup is not None else {}))
-    module = DistillModule(
-        student=model["student"],
-        teacher=model.get("teacher"),
-        loss=loss,
-        optimizer=optimizer,
-        scheduler=scheduler,
-    )
+    module = DistillModule(student=student, teacher=teacher, loss=loss, optimizer=optimizer, scheduler=scheduler)
     trainer = make_trainer(cfg, stage, max_steps)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -146,25 +139,34 @@ def save_model(path: Path, model, tokenizer, image_processor) -> Path:
     return save_dir_atomic(path, write)
 
 
-def print_table(rows: dict[str, dict], split: str) -> None:
-    table = Table(title=f"autoglm_distill: {split} split")
-    columns = [
-        "params",
-        "action_type_acc",
-        "tap_in_element",
-        "exact_match",
-        "parse_rate",
-        "top1_agreement",
-        "ce",
-    ]
-    table.add_column("model")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for name, r in rows.items():
+TABLE_COLUMNS = ["params", "action_type_acc", "tap_in_element", "exact_match", "parse_rate", "top1_agreement", "ce"]
+
+
+def eval_rows(results: dict[str, dict], split: str) -> list[list[str]]:
+    """One row of formatted cells per model: name, then TABLE_COLUMNS."""
+    rows = []
+    for name, r in results.items():
         m = r.get(split, {})
-        cells = [f"{r['params']:,}"] + [f"{m[c]:.3f}" if c in m else "-" for c in columns[1:]]
-        table.add_row(name, *cells)
-    Console(width=140).print(table)
+        rows.append([name, f"{r['params']:,}"] + [f"{m[c]:.3f}" if c in m else "-" for c in TABLE_COLUMNS[1:]])
+    return rows
+
+
+def report_tables(results: dict[str, dict], splits: list[str], out_dir: Path) -> None:
+    """Print the eval table of every split and write it as Markdown to <run dir>/results.md."""
+    markdown = []
+    for split in splits:
+        table = Table(title=f"autoglm_distill: {split} split")
+        table.add_column("model")
+        for c in TABLE_COLUMNS:
+            table.add_column(c, justify="right")
+        rows = eval_rows(results, split)
+        for row in rows:
+            table.add_row(*row)
+        Console(width=140).print(table)
+        header = ["model", *TABLE_COLUMNS]
+        markdown += [f"**{split} split**", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        markdown += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    (out_dir / "results.md").write_text("\n".join(markdown))
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ def run(cfg: DictConfig) -> dict:
     """Run every stage of ``cfg``; returns the summary (also written to <run dir>/summary.json)."""
     config_lib.validate(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt(cfg.ckpt_path, out_dir)  # fail before any work when it is missing
     summary: dict[str, Any] = {"run_name": cfg.run_name, "status": "running", "stages": {}}
     summary_path = out_dir / "summary.json"
     pl.seed_everything(cfg.seed, workers=True)
@@ -232,10 +235,11 @@ def run(cfg: DictConfig) -> dict:
         summary["stages"]["distill"] = fit(
             cfg,
             "distill",
-            {"student": student, "teacher": teacher},
+            student,
             datamodule,
             loss,
-            ckpt_path=resolve_ckpt(cfg.ckpt_path, out_dir),
+            teacher=teacher,
+            ckpt_path=ckpt_path,
         )
         save_model(out_dir / "student", student, tokenizer, image_processor)
         log.info("Saved the distilled student to %s", out_dir / "student")
@@ -246,14 +250,13 @@ def run(cfg: DictConfig) -> dict:
             pl.seed_everything(cfg.seed, workers=True)
             baseline = build_student(cfg, tokenizer)
             hard = DistillationLoss(kind=loss.kind, temperature=loss.temperature, alpha=0.0)
-            summary["stages"]["baseline"] = fit(cfg, "baseline", {"student": baseline}, datamodule, hard)
+            summary["stages"]["baseline"] = fit(cfg, "baseline", baseline, datamodule, hard)
             save_model(out_dir / "baseline", baseline, tokenizer, image_processor)
             models["baseline"] = baseline
 
         # 6. evaluate
         summary["eval"] = evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir)
-        for split in cfg.eval.splits:
-            print_table(summary["eval"], split)
+        report_tables(summary["eval"], list(cfg.eval.splits), out_dir)
         summary["status"] = "completed"
         return summary
     except BaseException as err:
@@ -270,7 +273,7 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
     """Train a teacher here (stand-in for AutoGLM when it cannot be downloaded) and save it to ``path``."""
     scratch = cfg.teacher.scratch
     log.info("Training a tokenizer (vocab %d) on %s", scratch.tokenizer_vocab_size, root / "train.jsonl")
-    tokenizer = train_glm_tokenizer(train_texts(root), vocab_size=scratch.tokenizer_vocab_size)
+    tokenizer = train_glm_tokenizer(corpus_texts(root / "train.jsonl"), vocab_size=scratch.tokenizer_vocab_size)
     image_processor = None
     if scratch.arch == "glm4v":
         image_processor = build_image_processor(tuple(cfg.data.generate.image_size))
@@ -284,7 +287,7 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
     metrics = fit(
         cfg,
         "teacher_pretrain",
-        {"student": model},
+        model,
         datamodule,
         hard,
         max_steps=scratch.max_steps,

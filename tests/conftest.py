@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data import synth
-from autoglm_distill.run import train_texts
+from autoglm_distill.data.phone import corpus_texts
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(data_dir):
-    return train_glm_tokenizer(train_texts(data_dir), vocab_size=400)
+    return train_glm_tokenizer(corpus_texts(data_dir / "train.jsonl"), vocab_size=400)
 
 
 @pytest.fixture(scope="session")

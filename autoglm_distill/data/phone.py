@@ -64,7 +64,9 @@ def _check_content(content: Any, root: Path) -> str | None:
             if not image.is_file():
                 return f"image {item['image']!r} does not exist in {root}"
             continue
-        return f"content item {item!r} is neither {{'type': 'text', 'text': ...}} nor {{'type': 'image', 'image': path}}"
+        return (
+            f"content item {item!r} is neither {{'type': 'text', 'text': ...}} nor {{'type': 'image', 'image': path}}"
+        )
     return None
 
 
@@ -163,6 +165,17 @@ class ChatEncoder:
         """``pixel_values`` and ``image_grid_thw`` for the images of a batch, in order."""
         loaded = [Image.open(root / path).convert("RGB") for path in images]
         return dict(self.image_processor(images=loaded, return_tensors="pt"))
+
+
+def corpus_texts(path: Path) -> list[str]:
+    """Every text of a JSONL split (all messages): the corpus for a locally trained tokenizer."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            for message in json.loads(line)["messages"]:
+                content = message["content"]
+                texts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
+    return texts
 
 
 def read_split(path: Path, root: Path) -> tuple[list[dict], list[BadExample]]:

@@ -71,9 +71,7 @@ SCREENS = {
         "row",
         "Open {label} settings",
     ),
-    "home": ScreenKind(
-        "Home", APPS, "grid4", "icon", "Open the {label} app", "Press and hold the {label} icon"
-    ),
+    "home": ScreenKind("Home", APPS, "grid4", "icon", "Open the {label} app", "Press and hold the {label} icon"),
     "messages": ScreenKind(
         "Messages",
         ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack"),
@@ -271,9 +269,7 @@ def render(ex: Example, size: tuple[int, int]) -> Image.Image:
         box = px(el.box)
         radius = max(1, min(box[2] - box[0], box[3] - box[1]) // 4)
         if el.focused:  # white with a thick blue border, like a field with the cursor in it
-            draw.rounded_rectangle(
-                box, radius, fill=(255, 255, 255), outline=(25, 118, 210), width=max(2, w // 60)
-            )
+            draw.rounded_rectangle(box, radius, fill=(255, 255, 255), outline=(25, 118, 210), width=max(2, w // 60))
         else:
             draw.rounded_rectangle(box, radius, fill=colour, outline=(140, 140, 140))
         text_at((box[0] + box[2]) // 2, (box[1] + box[3]) // 2, el.label, (20, 20, 20))
@@ -283,11 +279,7 @@ def render(ex: Example, size: tuple[int, int]) -> Image.Image:
 def _record(ex_id: str, ex: Example, images: bool) -> dict:
     """The JSONL record of one example, in OpenAI-style chat format."""
     text = ex.prompt()
-    user = (
-        [{"type": "image", "image": f"images/{ex_id}.png"}, {"type": "text", "text": text}]
-        if images
-        else text
-    )
+    user = [{"type": "image", "image": f"images/{ex_id}.png"}, {"type": "text", "text": text}] if images else text
     return {
         "id": ex_id,
         "messages": [
@@ -314,9 +306,7 @@ def _write(folder: Path, params: dict) -> None:
                 if ex.prompt() not in seen:
                     break
             else:
-                raise RuntimeError(
-                    f"could not draw a new unique example for {split}; the task space is exhausted"
-                )
+                raise RuntimeError(f"could not draw a new unique example for {split}; the task space is exhausted")
             seen.add(ex.prompt())
             ex_id = f"{split}-{idx:05d}"
             if params["images"]:
@@ -408,23 +398,17 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m autoglm_distill.data.synth", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m autoglm_distill.data.synth", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--images", action=argparse.BooleanOptionalAction, default=True, help="draw PNG screens"
-    )
+    parser.add_argument("--images", action=argparse.BooleanOptionalAction, default=True, help="draw PNG screens")
     parser.add_argument("--image-size", type=_image_size, default=(112, 224), help="WIDTHxHEIGHT in pixels")
     args = parser.parse_args(argv)
     try:
-        out = generate(
-            args.out, args.n_train, args.n_val, args.n_test, args.seed, args.images, args.image_size
-        )
+        out = generate(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.images, args.image_size)
     except FileExistsError as e:
         parser.exit(1, f"error: {e}\n")
     print(out)
