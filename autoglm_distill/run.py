@@ -206,7 +206,8 @@ def run(cfg: DictConfig) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
         image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if is_image_text(teacher) else None
 
-        # 3. student
+        # 3. student (seeded here and again for the baseline: both start from the same weights)
+        pl.seed_everything(cfg.seed, workers=True)
         student = build_student(cfg, tokenizer)
         check_compatible(teacher, student, len(tokenizer))
         use_images = is_image_text(teacher) and is_image_text(student)

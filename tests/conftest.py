@@ -25,6 +25,15 @@ from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (56, 112)
+# A one-layer GLM-4 text decoder: builds and runs in milliseconds.
+TINY_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+}
 
 config_lib.register_recipes()
 config_lib.register_resolvers()

@@ -16,14 +16,8 @@ from autoglm_distill.models import (
     load_pretrained,
 )
 
-TEXT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-}
+from .conftest import TINY_TEXT as TEXT
+
 VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}
 GLM4V_TEXT = {
     **{k: v for k, v in TEXT.items() if k != "head_dim"},

@@ -13,14 +13,7 @@ from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, freeze
 from autoglm_distill.module import DistillModule
 
-TEXT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-}
+from .conftest import TINY_TEXT as TEXT
 
 
 def make_module(tokenizer, teacher: bool = True, alpha: float = 0.5) -> DistillModule:
