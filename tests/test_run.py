@@ -123,11 +123,14 @@ def test_partial_data_generate_from_a_recipe_is_reported(tmp_path):
 
 
 def test_multirun_sweeps_each_run_into_its_own_folder(tmp_path):
+    """Also runs without any logger or callback (no checkpoints, plain progress bar)."""
     proc = run_cli(
         [
             "--multirun",
             "recipe=smoke",
             "distill.loss.temperature=1,4",
+            "logger=none",
+            "callbacks=none",
             "baseline=false",
             "eval.limit=2",
             f"hydra.sweep.dir={tmp_path}",
