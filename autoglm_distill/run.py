@@ -67,12 +67,8 @@ def prepare_data(cfg: DictConfig) -> Path:
 
 
 def start_loggers(cfg: DictConfig, prefix: str = "") -> list:
-    """The configured experiment loggers; the first call starts the W&B run and records the config."""
-    loggers = [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
-    if not prefix:
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return loggers
+    """The configured experiment loggers, their metric names prefixed with ``prefix`` (one W&B run for all)."""
+    return [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
 
 
 def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> pl.Trainer:
@@ -181,7 +177,9 @@ def run(cfg: DictConfig) -> dict:
     summary_path = out_dir / "summary.json"
     pl.seed_everything(cfg.seed, workers=True)
     try:
-        start_loggers(cfg)  # the W&B run starts now, so even a failed load is recorded
+        # The W&B run starts now with the config, so even a failed load is recorded.
+        for logger in start_loggers(cfg):
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         # 1. data
         root = prepare_data(cfg)
 
