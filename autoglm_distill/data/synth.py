@@ -291,6 +291,13 @@ def _record(ex_id: str, ex: Example, images: bool) -> dict:
     }
 
 
+def sample_chats(n: int, seed: int = 0) -> list[list[dict]]:
+    """``n`` seeded text-only chats (system, user, assistant) without writing anything: golden prompts for export
+    checks when no data folder is at hand."""
+    rng = random.Random(seed)
+    return [_record(f"sample-{i:05d}", _sample(rng), images=False)["messages"] for i in range(n)]
+
+
 def _write(folder: Path, params: dict) -> None:
     """Write all splits, images and the meta file into ``folder``."""
     if params["images"]:

@@ -1,14 +1,16 @@
-"""Mobile export of text-only GLM-4 students: fixed-shape prefill/decode graphs and the ONNX exporter."""
+"""Mobile export of GLM-4 students: fixed-shape prefill/decode graphs in ONNX, TFLite and Core ML, verified."""
 
-from autoglm_distill.export.graphs import DecodeGraph, PrefillGraph, greedy_generate
-from autoglm_distill.export.onnx import ExportVerificationError, export_onnx, read_metadata, verify_onnx
+from autoglm_distill.export.exporter import ExportSettings, export_student
+from autoglm_distill.export.graphs import DecodeGraph, PrefillGraph, graph_specs, greedy_generate
+from autoglm_distill.export.verify import Bars, ExportVerificationError
 
 __all__ = [
+    "Bars",
     "DecodeGraph",
+    "ExportSettings",
     "ExportVerificationError",
     "PrefillGraph",
-    "export_onnx",
+    "export_student",
+    "graph_specs",
     "greedy_generate",
-    "read_metadata",
-    "verify_onnx",
 ]

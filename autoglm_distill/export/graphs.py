@@ -17,12 +17,14 @@ Shapes (``L`` layers, ``KV`` kv heads, ``C`` = ``max_context``, ``D`` head dim, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-# Additive mask for disallowed keys: finite (some converters reject -inf) and far below any real score.
-MASK_VALUE = -1e9
+# Additive mask for disallowed keys: finite (some converters reject -inf), representable in fp16 (Core ML runs fp16;
+# -1e9 would round to -inf there) and far enough below any real score that its softmax weight is exactly 0.
+MASK_VALUE = -1e4
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 PREFILL_INPUTS = ("input_ids", "length")
@@ -153,6 +155,41 @@ class DecodeGraph(_Glm4Graph):
 
         hidden, k_cache, v_cache = self._layers(hidden, positions, self._mask(positions), write)
         return self._logits(hidden), k_cache, v_cache
+
+
+@dataclass
+class GraphSpec:
+    """One graph to convert: the module, example inputs (by name, in order) and output names."""
+
+    name: str
+    module: nn.Module
+    example: dict[str, torch.Tensor]
+    outputs: tuple[str, ...]
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(self.example)
+
+
+def graph_specs(model: nn.Module, max_context: int) -> dict[str, GraphSpec]:
+    """The prefill and decode graphs of ``model`` (fp32, eval) with fixed-shape example inputs."""
+    prefill, decode = PrefillGraph(model, max_context).eval(), DecodeGraph(model, max_context).eval()
+    c = max_context
+    prefill_example = {
+        "input_ids": torch.zeros((1, c), dtype=torch.int32),
+        "length": torch.tensor([max(c // 2, 1)], dtype=torch.int32),
+    }
+    # Two distinct cache tensors: torch.export treats one tensor passed twice as an alias.
+    decode_example = {
+        "token": torch.zeros((1, 1), dtype=torch.int32),
+        "position": torch.tensor([c // 2], dtype=torch.int32),
+        "k_cache": torch.zeros(prefill.cache_shape(), dtype=torch.float32),
+        "v_cache": torch.zeros(prefill.cache_shape(), dtype=torch.float32),
+    }
+    return {
+        "prefill": GraphSpec("prefill", prefill, prefill_example, PREFILL_OUTPUTS),
+        "decode": GraphSpec("decode", decode, decode_example, DECODE_OUTPUTS),
+    }
 
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -1,0 +1,241 @@
+"""Core ML artifacts: one ``.mlpackage`` per graph and precision (mlprogram, iOS 18 target).
+
+The graphs go through ``torch.export`` + ``run_decompositions({})`` (coremltools' torch.export path needs the core
+ATen opset) into ``coremltools.convert`` with fp16 compute precision. int8 is ``coremltools.optimize``'s
+``linear_quantize_weights`` (symmetric, per output channel) on every parameter, embedding included; constants that
+are not weights (the causal mask, the rotary tables) stay fp16. The KV cache is a plain input/output tensor, not
+Core ML state: state needs in-place buffer updates in the traced graph, which these graphs do not do.
+
+Core ML cannot execute on Linux (``predict`` is macOS-only), so ``check_structure`` verifies what can be verified
+here: the package loads (``skip_model_load=True``), has the declared inputs/outputs, every weight is present in the
+declared precision, and the weight values equal the student's within fp16 (or int8 step) rounding. ``predict_parity``
+runs the real thing on macOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoglm_distill.export.graphs import GraphSpec
+
+FORMAT = "coreml"
+PRECISIONS = ("fp16", "int8")
+INT8_RECIPE = "coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int8, per_channel)"
+FP16_RTOL = 2.0**-10  # fp16 has an 11-bit significand: rounding is within 2^-11 relative
+
+log = logging.getLogger(__name__)
+
+
+def converter_versions() -> dict[str, str]:
+    import coremltools
+
+    return {"torch": torch.__version__, "coremltools": coremltools.__version__}
+
+
+def _const_name(parameter: str) -> str:
+    """The name torch.export + coremltools give a parameter's fp16 constant."""
+    return "p_" + parameter.replace(".", "_") + "_to_fp16"
+
+
+def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Every weight constant of an mlprogram package, read from its spec and weight blob: ``{op name: (values,
+    None)}`` for plain constants and ``{op name: (int8 data, scale)}`` for ``constexpr_blockwise_shift_scale``.
+
+    (``coremltools.optimize.coreml.get_weights_metadata`` is not used: within one process it returned dequantized
+    constants for a package it had read before.)"""
+    import coremltools as ct
+    from coremltools.libmilstoragepython import _BlobStorageReader
+    from coremltools.proto import MIL_pb2
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    function = model.get_spec().mlProgram.functions["main"]
+    reader = _BlobStorageReader(str(Path(model.weights_dir) / "weight.bin"))
+    readers = {"float16": "read_fp16_data", "float32": "read_float_data", "int8": "read_int8_data"}
+
+    def value(proto) -> np.ndarray | None:
+        if not proto.HasField("blobFileValue"):
+            return None
+        tensor = proto.type.tensorType
+        dtype = MIL_pb2.DataType.Name(tensor.dataType).lower()
+        if dtype not in readers:
+            return None
+        data = np.asarray(getattr(reader, readers[dtype])(proto.blobFileValue.offset))
+        data = data.view(np.float16) if dtype == "float16" else data
+        return data.reshape([d.constant.size for d in tensor.dimensions])
+
+    out = {}
+    for op in function.block_specializations[function.opset].operations:
+        name = op.outputs[0].name
+        if op.type == "const":
+            values = value(op.attributes["val"])
+            if values is not None:
+                out[name] = (values, None)
+        elif op.type == "constexpr_blockwise_shift_scale" and "offset" not in op.inputs:
+            data = value(op.inputs["data"].arguments[0].value)
+            scale = value(op.inputs["scale"].arguments[0].value)
+            if data is not None and scale is not None:
+                out[name] = (data, scale)
+    return out
+
+
+def _convert(spec: GraphSpec):
+    import coremltools as ct
+
+    with torch.no_grad():
+        program = torch.export.export(spec.module, tuple(spec.example.values())).run_decompositions({})
+    inputs = [
+        ct.TensorType(name=name, shape=tuple(t.shape), dtype=np.int32 if t.dtype == torch.int32 else np.float32)
+        for name, t in spec.example.items()
+    ]
+    return ct.convert(
+        program,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        inputs=inputs,
+        outputs=[ct.TensorType(name=name) for name in spec.outputs],
+    )
+
+
+def _quantize_int8(model):
+    import coremltools.optimize as cto
+
+    weight = cto.coreml.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=1
+    )
+    names = [name for name in package_weights(model.package_path) if name.startswith("p_")]
+    config = cto.coreml.OptimizationConfig(op_name_configs={name: weight for name in names})
+    return cto.coreml.linear_quantize_weights(model, config)
+
+
+def _set_metadata(model, facts: Mapping[str, Any]) -> None:
+    for key, value in facts.items():
+        model.user_defined_metadata[key] = value if isinstance(value, str) else json.dumps(value)
+
+
+def read_metadata(path) -> dict[str, str]:
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    return dict(spec.description.metadata.userDefined)
+
+
+def signature(path) -> dict[str, list[dict]]:
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    array = ct.proto.FeatureTypes_pb2.ArrayFeatureType
+
+    def describe(features) -> list[dict]:
+        out = []
+        for feature in features:
+            multi = feature.type.multiArrayType
+            dtype = array.ArrayDataType.Name(multi.dataType).lower()
+            out.append({"name": feature.name, "shape": [int(d) for d in multi.shape], "dtype": dtype})
+        return out
+
+    return {"inputs": describe(spec.description.input), "outputs": describe(spec.description.output)}
+
+
+def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
+    """Write ``<graph>.<precision>.mlpackage`` per graph. int8 compresses the fp16 packages, written first."""
+    import coremltools as ct
+
+    records = []
+    quantization = (
+        None
+        if precision == "fp16"
+        else {"recipe": INT8_RECIPE, "weights": "int8 per output channel (embedding included)", "activations": "fp16"}
+    )
+    for name, spec in specs.items():
+        path = folder / f"{name}.{precision}.mlpackage"
+        if precision == "fp16":
+            model = _convert(spec)
+        else:
+            model = _quantize_int8(ct.models.MLModel(str(folder / f"{name}.fp16.mlpackage"), skip_model_load=True))
+        _set_metadata(
+            model,
+            {
+                **facts,
+                "format": FORMAT,
+                "graph": name,
+                "precision": precision,
+                "quantization": quantization,
+                "kv_cache": "input/output tensors",
+            },
+        )
+        model.save(str(path))
+        records.append(
+            {"graphs": [name], "file": path, "quantization": quantization, "signatures": {name: signature(path)}}
+        )
+    return records
+
+
+def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], precision: str) -> dict:
+    """What can be checked of a Core ML package off macOS (see the module docstring); figures plus ``passed``."""
+    (graph,) = record["graphs"]
+    spec = specs[graph]
+    io = signature(record["file"])
+    io_ok = (
+        [i["name"] for i in io["inputs"]] == list(spec.inputs)
+        and [o["name"] for o in io["outputs"]] == list(spec.outputs)
+        and all(i["shape"] == list(spec.example[i["name"]].shape) for i in io["inputs"])
+    )
+
+    consts = package_weights(record["file"])
+    parameters = dict(spec.module.named_parameters())
+    missing, worst, compressed = [], 0.0, 0
+    for name, parameter in parameters.items():
+        expected = parameter.detach().float().numpy()
+        plain, packed = consts.get(_const_name(name)), consts.get(_const_name(name) + "_quantized")
+        if packed is not None:
+            data, scale = packed
+            compressed += 1
+            step = scale.astype(np.float32).reshape(scale.shape[:1] + (1,) * (expected.ndim - 1))
+            values = data.astype(np.float32) * step
+            # Half a quantization step, plus the fp16 rounding of the weight and of the scale.
+            tolerance = 0.5 * step + np.abs(expected) * FP16_RTOL + 127 * step * FP16_RTOL
+        elif plain is not None and not (precision == "int8" and expected.ndim >= 2):
+            values = plain[0].astype(np.float32)
+            tolerance = np.abs(expected) * FP16_RTOL
+        else:
+            missing.append(name)
+            continue
+        if values.shape != expected.shape:
+            missing.append(f"{name} (shape {list(values.shape)} != {list(expected.shape)})")
+            continue
+        worst = max(worst, float((np.abs(values - expected) / (tolerance + 1e-7)).max()))
+    passed = io_ok and not missing and worst <= 1.0
+    return {
+        "check": "structural (Core ML predict runs on macOS only)",
+        "io_as_declared": io_ok,
+        "weights_checked": len(parameters) - len(missing),
+        "weights_missing": missing[:10],
+        "weights_int8": compressed,
+        "worst_weight_error_in_tolerances": worst,
+        "passed": bool(passed),
+    }
+
+
+def predict_parity(record: Mapping[str, Any], spec: GraphSpec) -> dict:
+    """macOS only: run the package with Core ML on the graph's example inputs and compare with PyTorch."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(record["file"]), compute_units=ct.ComputeUnit.CPU_ONLY)
+    feeds = {name: t.numpy() for name, t in spec.example.items()}
+    out = model.predict(feeds)
+    with torch.no_grad():
+        expected = spec.module(*spec.example.values())
+    logits = np.asarray(out["logits"], dtype=np.float32)
+    reference = expected[0].float().numpy()
+    return {
+        "logits_max_abs_diff": float(np.abs(logits - reference).max()),
+        "top1_match": bool(int(logits.argmax()) == int(reference.argmax())),
+    }

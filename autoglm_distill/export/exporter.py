@@ -1,0 +1,261 @@
+"""Export a student to every format and precision, verify each artifact, and write what the mobile team gets.
+
+``export_student`` builds the fixed-shape prefill/decode graphs (``graphs.py``), writes them per format
+(``onnx.py``, ``tflite.py``, ``coreml.py``), checks every artifact against the PyTorch student on golden prompts
+(``verify.py``), times prefill and decode in onnxruntime and LiteRT, then writes the tokenizer, ``manifest.json``,
+``report.md`` and ``report.png``. Everything is written into a temporary folder beside the target and moved into
+place only when every check passed: a failed or interrupted export never leaves a complete-looking folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoglm_distill.export import coreml, onnx, tflite
+from autoglm_distill.export.graphs import GraphSpec, graph_specs
+from autoglm_distill.export.report import measure_latency, write_report
+from autoglm_distill.export.verify import Bars, ExportVerificationError, compare, judge, references
+from autoglm_distill.utils import save_dir_atomic
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"onnx": onnx, "tflite": tflite, "coreml": coreml}
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ExportSettings:
+    """What to export and how hard to check it (``conf/export/default.yaml`` mirrors these fields)."""
+
+    max_context: int = 512
+    formats: Sequence[str] = ("onnx", "tflite", "coreml")
+    quantize: bool = True  # also write the int8 artifacts
+    max_new_tokens: int = 32  # greedy tokens compared per golden prompt
+    golden_prompts: int = 4
+    latency_runs: int = 20
+    bars: Bars = field(default_factory=Bars)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.formats) - set(BACKENDS))
+        if unknown:
+            raise ValueError(f"unknown export format(s) {unknown}; choose from {sorted(BACKENDS)}")
+        if self.max_context <= self.max_new_tokens:
+            raise ValueError(
+                f"export.max_context={self.max_context} must exceed export.max_new_tokens={self.max_new_tokens}"
+            )
+        if isinstance(self.bars, Mapping):
+            self.bars = Bars(**self.bars)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:  # an .mlpackage is a folder: hash its files in a fixed order, names included
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def model_facts(model: nn.Module, tokenizer, max_context: int) -> dict[str, Any]:
+    """The facts a runtime needs to drive the graphs; stored in the manifest and in every file's metadata."""
+    cfg = model.config
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or cfg.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    return {
+        "producer": "autoglm_distill",
+        "architecture": cfg.model_type,
+        "max_context": max_context,
+        "vocab_size": cfg.vocab_size,
+        "num_layers": cfg.num_hidden_layers,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": pad,
+        "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens},
+    }
+
+
+def golden_prompt_ids(tokenizer, chats: Sequence[Sequence[Mapping]], room: int) -> list[list[int]]:
+    """Token ids of each chat's prompt (all messages but the answer, rendered with the chat template) that fit in
+    ``room`` tokens."""
+    prompts = []
+    for messages in chats:
+        prompt = [m for m in messages if m["role"] != "assistant"]
+        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        if len(ids) <= room:
+            prompts.append(list(ids))
+    if not prompts:
+        raise ValueError(
+            f"no golden prompt fits in export.max_context minus export.max_new_tokens = {room} tokens; "
+            "raise export.max_context"
+        )
+    return prompts
+
+
+def _fp32_cpu(model: nn.Module) -> nn.Module:
+    if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+
+
+def _runtime(fmt: str, records: Sequence[Mapping], specs: Mapping[str, GraphSpec]):
+    """(prefill, decode) callables of one format+precision in its real runtime."""
+
+    def find(graph: str) -> Mapping:
+        return next(r for r in records if graph in r["graphs"])
+
+    return tuple(BACKENDS[fmt].load(find(g), g, specs[g].inputs, specs[g].outputs) for g in ("prefill", "decode"))
+
+
+def _check(fmt: str, precision: str, records, specs, refs, facts, bars: Bars) -> dict:
+    if fmt == "coreml":
+        checks = {r["graphs"][0]: coreml.check_structure(r, specs, precision) for r in records}
+        return {"kind": "structural", **checks, "passed": all(c["passed"] for c in checks.values())}
+    prefill, decode = _runtime(fmt, records, specs)
+    figures = compare(prefill, decode, refs, facts["max_context"], facts["pad_token_id"])
+    return {
+        "kind": "runtime",
+        "runtime": "onnxruntime CPU EP" if fmt == "onnx" else "ai_edge_litert Interpreter",
+        **judge(figures, "fp32" if precision == "fp32" else "int8", bars),
+    }
+
+
+def export_student(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    settings: ExportSettings | None = None,
+    golden_chats: Sequence[Sequence[Mapping]] | None = None,
+    source: str | None = None,
+) -> dict:
+    """Export ``model`` (a text-only GLM-4 ``*ForCausalLM``) and its tokenizer to ``out_dir``; returns the manifest.
+
+    Args:
+        model: the student; exported as an fp32 CPU copy (the caller's model is untouched).
+        tokenizer: its tokenizer; saved into ``out_dir/tokenizer`` and used to render the golden prompts.
+        out_dir: the export folder; an existing one is replaced only after every check passed.
+        settings: formats, max context, bars; defaults to ``ExportSettings()``.
+        golden_chats: chats (message lists) whose prompts the parity checks run; default: seeded synthetic ones.
+        source: where the student came from (a folder, a run), recorded in the manifest.
+
+    Raises:
+        ExportVerificationError: an artifact failed its check; ``report`` holds every figure.
+    """
+    from autoglm_distill.data.synth import sample_chats
+
+    settings = settings or ExportSettings()
+    out_dir = Path(out_dir).resolve()
+    model = _fp32_cpu(model)
+    facts = model_facts(model, tokenizer, settings.max_context)
+    chats = golden_chats if golden_chats is not None else sample_chats(settings.golden_prompts, seed=0)
+    prompts = golden_prompt_ids(
+        tokenizer, chats[: settings.golden_prompts], settings.max_context - settings.max_new_tokens + 1
+    )
+    log.info(
+        "export: %d golden prompts (%s tokens), max_context %d",
+        len(prompts),
+        "/".join(str(len(p)) for p in prompts),
+        settings.max_context,
+    )
+    refs = references(model, prompts, settings.max_context, settings.max_new_tokens, facts["pad_token_id"])
+    was_training = model.training
+    model.eval()
+    manifest: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        specs = graph_specs(model, settings.max_context)
+        artifacts, failures = [], []
+        for fmt in settings.formats:
+            backend = BACKENDS[fmt]
+            folder = tmp / fmt
+            folder.mkdir()
+            precisions = backend.PRECISIONS if settings.quantize else backend.PRECISIONS[:1]
+            versions = backend.converter_versions()
+            for precision in precisions:
+                start = time.perf_counter()
+                log.info("export: %s %s: converting", fmt, precision)
+                records = backend.write(specs, folder, precision, facts)
+                parity = _check(fmt, precision, records, specs, refs, facts, settings.bars)
+                seconds = time.perf_counter() - start
+                log.info(
+                    "export: %s %s: %s in %.1f s", fmt, precision, "passed" if parity["passed"] else "FAILED", seconds
+                )
+                if not parity["passed"]:
+                    failures.append(f"{fmt} {precision}: {json.dumps(parity)}")
+                latency = None
+                if fmt != "coreml":
+                    latency = measure_latency(*_runtime(fmt, records, specs), prompts[0], facts, settings.latency_runs)
+                for record in records:
+                    path = Path(record["file"])
+                    artifacts.append(
+                        {
+                            "format": fmt,
+                            "precision": precision,
+                            "graphs": record["graphs"],
+                            "file": str(path.relative_to(tmp)),
+                            "bytes": _bytes(path),
+                            "sha256": _sha256(path),
+                            "signatures": record["signatures"],
+                            "max_context": settings.max_context,
+                            "quantization": record["quantization"],
+                            "converter": versions,
+                            "parity": parity,
+                            "cpu_latency_ms": latency,
+                        }
+                    )
+        if failures:
+            raise ExportVerificationError(
+                "export failed its parity checks (nothing was written):\n  " + "\n  ".join(failures),
+                {"artifacts": artifacts},
+            )
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        manifest.update(
+            {
+                "manifest_version": MANIFEST_VERSION,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "source": source,
+                "model": facts,
+                "tokenizer": {
+                    "folder": "tokenizer",
+                    "files": sorted(p.name for p in (tmp / "tokenizer").iterdir()),
+                    "chat_template": "tokenizer/chat_template.jinja",
+                    "prompt_ends_with": "<|assistant|>\\n",
+                },
+                "golden": {
+                    "prompts": len(prompts),
+                    "max_new_tokens": settings.max_new_tokens,
+                    "bars": asdict(settings.bars),
+                },
+                "artifacts": artifacts,
+            }
+        )
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        write_report(tmp, manifest)
+
+    try:
+        save_dir_atomic(out_dir, write)
+    finally:
+        model.train(was_training)
+    log.info("export: %d artifacts verified and written to %s", len(manifest["artifacts"]), out_dir)
+    return manifest
