@@ -43,9 +43,19 @@ def best_precision() -> str:
     return "32-true"
 
 
+def export_name(student: str) -> str:
+    """Export folder name for a student folder: the run's ``<name>_<time>`` for ``outputs/<name>/<time>/student``,
+    else the folder's own name."""
+    path = Path(str(student)).resolve()
+    if path.name in ("student", "baseline") and path.parent.parent.name:
+        return f"{path.parent.parent.name}_{path.parent.name}" + ("_baseline" if path.name == "baseline" else "")
+    return path.name
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("best_precision"):
-        OmegaConf.register_new_resolver("best_precision", best_precision)
+    for name, fn in (("best_precision", best_precision), ("export_name", export_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 class ConfigError(ValueError):
@@ -85,5 +95,20 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"eval.splits has {sorted(unknown)}: choose from train, val, test.")
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
         problems.append("trainer.max_steps must be a positive number of optimizer steps.")
+    export = cfg.get("export")
+    if export is not None and export.enabled:
+        if cfg.student.path is None and cfg.student.arch != "glm4":
+            problems.append(
+                f"export is on but student.arch={cfg.student.arch!r}: the export of image-text (Glm4v) students is "
+                "not built yet (text-only GLM-4 only). Add export=none, or distil a text-only student "
+                "(student=demo or student=tiny_text)."
+            )
+        unknown_formats = set(export.formats) - {"onnx", "tflite", "coreml"}
+        if unknown_formats:
+            problems.append(f"export.formats has {sorted(unknown_formats)}: choose from onnx, tflite, coreml.")
+        if export.max_context <= export.max_new_tokens:
+            problems.append(
+                f"export.max_context={export.max_context} must exceed export.max_new_tokens={export.max_new_tokens}."
+            )
     if problems:
         raise ConfigError("Invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -6,7 +6,8 @@
 4. distill     Lightning fit: KD + hard-label loss; the student is saved to <run dir>/student
 5. baseline    (optional) the same student on hard labels only, same steps and data
 6. evaluate    greedy generation + action metrics, teacher-forced CE and top-1 agreement
-7. summary     <run dir>/summary.json and a table; the W&B run is finished even when a stage fails
+7. export      ONNX, TFLite and Core ML student artifacts, each verified, into export/<run name>/ (export=none: off)
+8. summary     <run dir>/summary.json and a table; the W&B run is finished even when a stage fails
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data import synth
-from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts
+from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts, read_split
 from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
+from autoglm_distill.export.exporter import export_student, settings_from_config
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import (
     build_model,
@@ -256,6 +258,10 @@ def run(cfg: DictConfig) -> dict:
         # 6. evaluate
         summary["eval"] = evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir)
         report_tables(summary["eval"], list(cfg.eval.splits), out_dir)
+
+        # 7. export
+        if cfg.export.enabled:
+            summary["export"] = export_stage(cfg, student, tokenizer, encoder, root, out_dir / "student")
         summary["status"] = "completed"
         return summary
     except BaseException as err:
@@ -344,6 +350,22 @@ def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) ->
             )
             log.info("%s on %s: %s", name, split, {k: round(v, 4) for k, v in metrics.items()})
     return results
+
+
+def export_stage(cfg: DictConfig, student, tokenizer, encoder: ChatEncoder, root: Path, source: Path) -> dict:
+    """Export the distilled student; golden prompts are the val split's, encoded as in training."""
+    settings = settings_from_config(cfg.export)
+    records, _ = read_split(root / "val.jsonl", root)
+    golden = [encoder.encode_prompt(r["messages"], root)[0] for r in records[: 16 * settings.golden_prompts]]
+    log.info("Exporting the student to %s (%s)", cfg.export.dir, ", ".join(settings.formats))
+    manifest = export_student(student, tokenizer, cfg.export.dir, settings, golden=golden, source=str(source))
+    return {
+        "dir": str(cfg.export.dir),
+        "artifacts": [
+            {k: a[k] for k in ("format", "precision", "file", "bytes")} | {"passed": a["parity"]["passed"]}
+            for a in manifest["artifacts"]
+        ],
+    }
 
 
 def finish_wandb(summary: dict) -> None:

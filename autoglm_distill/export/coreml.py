@@ -112,7 +112,9 @@ def _quantize_int8(model):
     )
     names = [name for name in package_weights(model.package_path) if name.startswith("p_")]
     config = cto.coreml.OptimizationConfig(op_name_configs={name: weight for name in names})
-    return cto.coreml.linear_quantize_weights(model, config)
+    # An all-zero row (the padding token's embedding) has scale 0: numpy warns on 0/0, the row dequantizes to 0.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cto.coreml.linear_quantize_weights(model, config)
 
 
 def _set_metadata(model, facts: Mapping[str, Any]) -> None:
@@ -144,10 +146,16 @@ def signature(path) -> dict[str, list[dict]]:
     return {"inputs": describe(spec.description.input), "outputs": describe(spec.description.output)}
 
 
+def _quiet_converter() -> None:
+    """coremltools logs every graph-pass op removal at INFO, which drowns the run's log."""
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
+
+
 def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
     """Write ``<graph>.<precision>.mlpackage`` per graph. int8 compresses the fp16 packages, written first."""
     import coremltools as ct
 
+    _quiet_converter()
     records = []
     quantization = (
         None

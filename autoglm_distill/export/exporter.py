@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,16 @@ class ExportSettings:
             self.bars = Bars(**self.bars)
 
 
+def settings_from_config(cfg: Mapping[str, Any]) -> ExportSettings:
+    """``ExportSettings`` from the ``export`` config group (keys that are not settings, like ``dir``, are ignored)."""
+    names = {f.name for f in fields(ExportSettings)}
+    values = {k: v for k, v in cfg.items() if k in names}
+    values["formats"] = tuple(values.get("formats", ExportSettings.formats))
+    if "bars" in values:
+        values["bars"] = Bars(**dict(values["bars"]))
+    return ExportSettings(**values)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -96,21 +106,46 @@ def model_facts(model: nn.Module, tokenizer, max_context: int) -> dict[str, Any]
     }
 
 
-def golden_prompt_ids(tokenizer, chats: Sequence[Sequence[Mapping]], room: int) -> list[list[int]]:
-    """Token ids of each chat's prompt (all messages but the answer, rendered with the chat template) that fit in
-    ``room`` tokens."""
-    prompts = []
+def chat_prompt_ids(tokenizer, chats: Sequence[Sequence[Mapping]]) -> list[list[int]]:
+    """Token ids of each chat's prompt: every message but the assistant's, rendered with the chat template and
+    ending in the generation prompt (text-only content)."""
+    out = []
     for messages in chats:
         prompt = [m for m in messages if m["role"] != "assistant"]
-        ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-        if len(ids) <= room:
-            prompts.append(list(ids))
-    if not prompts:
-        raise ValueError(
-            f"no golden prompt fits in export.max_context minus export.max_new_tokens = {room} tokens; "
-            "raise export.max_context"
+        out.append(
+            list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
         )
-    return prompts
+    return out
+
+
+def val_prompt_ids(root: Path, tokenizer, limit: int = 64) -> list[list[int]]:
+    """Prompt token ids (text only) of the first ``limit`` valid chats of ``<root>/val.jsonl``, as training encoded
+    them."""
+    from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
+
+    path = root / "val.jsonl"
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist: data_path must be a data folder with val.jsonl (or leave it unset "
+            "to check on built-in synthetic chats)"
+        )
+    records, _ = read_split(path, root)
+    encoder = ChatEncoder(tokenizer, None, max_length=1 << 30)
+    return [encoder.encode_prompt(r["messages"], root)[0] for r in records[:limit]]
+
+
+def fitting_prompts(prompts: Sequence[Sequence[int]], settings: ExportSettings) -> list[list[int]]:
+    """The first ``settings.golden_prompts`` prompts that leave room for ``max_new_tokens`` in ``max_context``."""
+    room = settings.max_context - settings.max_new_tokens + 1
+    fitting = [list(p) for p in prompts if 0 < len(p) <= room][: settings.golden_prompts]
+    if not fitting:
+        longest = max((len(p) for p in prompts), default=0)
+        raise ValueError(
+            f"no golden prompt fits: export.max_context={settings.max_context} leaves {room} tokens after "
+            f"export.max_new_tokens={settings.max_new_tokens}, the prompts have up to {longest}; raise "
+            "export.max_context"
+        )
+    return fitting
 
 
 def _fp32_cpu(model: nn.Module) -> nn.Module:
@@ -146,7 +181,7 @@ def export_student(
     tokenizer,
     out_dir: str | os.PathLike,
     settings: ExportSettings | None = None,
-    golden_chats: Sequence[Sequence[Mapping]] | None = None,
+    golden: Sequence[Sequence[int]] | None = None,
     source: str | None = None,
 ) -> dict:
     """Export ``model`` (a text-only GLM-4 ``*ForCausalLM``) and its tokenizer to ``out_dir``; returns the manifest.
@@ -156,7 +191,8 @@ def export_student(
         tokenizer: its tokenizer; saved into ``out_dir/tokenizer`` and used to render the golden prompts.
         out_dir: the export folder; an existing one is replaced only after every check passed.
         settings: formats, max context, bars; defaults to ``ExportSettings()``.
-        golden_chats: chats (message lists) whose prompts the parity checks run; default: seeded synthetic ones.
+        golden: prompt token ids the parity checks run (those that fit are used, up to ``golden_prompts``);
+            default: seeded synthetic phone chats rendered with the tokenizer's chat template.
         source: where the student came from (a folder, a run), recorded in the manifest.
 
     Raises:
@@ -168,10 +204,9 @@ def export_student(
     out_dir = Path(out_dir).resolve()
     model = _fp32_cpu(model)
     facts = model_facts(model, tokenizer, settings.max_context)
-    chats = golden_chats if golden_chats is not None else sample_chats(settings.golden_prompts, seed=0)
-    prompts = golden_prompt_ids(
-        tokenizer, chats[: settings.golden_prompts], settings.max_context - settings.max_new_tokens + 1
-    )
+    if golden is None:
+        golden = chat_prompt_ids(tokenizer, sample_chats(settings.golden_prompts, seed=0))
+    prompts = fitting_prompts(golden, settings)
     log.info(
         "export: %d golden prompts (%s tokens), max_context %d",
         len(prompts),

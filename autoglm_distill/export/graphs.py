@@ -47,7 +47,10 @@ class _Glm4Graph(nn.Module):
         super().__init__()
         cfg = model.config
         if getattr(cfg, "model_type", None) != "glm4":
-            raise ValueError(f"only text-only GLM-4 (model_type 'glm4') is supported, got {cfg.model_type!r}")
+            raise ValueError(
+                f"export supports text-only GLM-4 students (model_type 'glm4'), this one is {cfg.model_type!r}: the "
+                "image-text (Glm4v) vision graph is not built yet. Export a text-only student, or set export=none."
+            )
         self.model = model
         self.max_context = int(max_context)
         self.num_layers = cfg.num_hidden_layers

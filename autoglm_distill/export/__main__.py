@@ -1,0 +1,57 @@
+"""Export an existing student: ``python -m autoglm_distill.export student=<folder> [export.* overrides]``.
+
+The folder is what a run saves as ``<run dir>/student`` (or any HF text-only GLM-4 causal LM with its tokenizer).
+Golden prompts for the parity checks come from ``data_path=<folder>/val.jsonl`` when given, else from built-in
+synthetic phone chats. Output: ``export/<run name>_<time>/`` by default (``export.dir=`` overrides).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from transformers import AutoTokenizer
+
+from autoglm_distill import config as config_lib
+from autoglm_distill.export.exporter import export_student, settings_from_config, val_prompt_ids
+from autoglm_distill.models import load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+def export_folder(cfg: DictConfig) -> dict:
+    """Load ``cfg.student`` (model + tokenizer) and export it with ``cfg.export``; returns the manifest."""
+    student = Path(cfg.student_folder)
+    if not (student / "config.json").is_file():
+        raise FileNotFoundError(
+            f"student={student} is not a model folder (no config.json). Pass the folder a run saved, e.g. "
+            "student=outputs/demo/<time>/student"
+        )
+    settings = settings_from_config(cfg.export)
+    model = load_pretrained(str(student), "auto", "float32", False, role="student")
+    tokenizer = AutoTokenizer.from_pretrained(str(student))
+    golden = val_prompt_ids(Path(cfg.data_path), tokenizer) if cfg.data_path else None
+    return export_student(model, tokenizer, cfg.export.dir, settings, golden=golden, source=str(student.resolve()))
+
+
+def _student_argument(argv: list[str]) -> list[str]:
+    """``student=<folder>`` -> ``student_folder=<folder>``: ``student`` is also the name of a config group in
+    conf/, which Hydra would otherwise try to override."""
+    return [f"student_folder={a.split('=', 1)[1]}" if a.startswith("student=") else a for a in argv]
+
+
+config_lib.register_resolvers()
+
+
+@hydra.main(config_path=str(config_lib.CONF_DIR), config_name="export_student", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    manifest = export_folder(cfg)
+    log.info("Wrote %d artifacts to %s; see report.md there", len(manifest["artifacts"]), cfg.export.dir)
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = _student_argument(sys.argv[1:])
+    main()

@@ -1,0 +1,174 @@
+"""Reference runner: greedy generation from an export folder alone (no PyTorch model), the spec of how to drive
+the graphs.
+
+    python -m autoglm_distill.export.run export/demo --prompt "Task: Open Maps ..." [--format tflite]
+
+1. Render the chat (system + user) with ``tokenizer/``'s chat template, generation prompt included, and tokenize.
+2. ``prefill``: ``input_ids`` int32 [1, C] (the prompt, right-padded with ``pad_token_id`` to ``max_context`` C),
+   ``length`` int32 [1] (the prompt length) -> ``logits`` [1, V] of the last prompt token, ``k_cache`` and
+   ``v_cache`` float32 [layers, kv_heads, C, head_dim].
+3. Repeat: next token = argmax(logits); stop at an EOS id (``manifest.json`` model.eos_token_ids) or the budget;
+   ``decode``: ``token`` int32 [1, 1], ``position`` int32 [1] (= prompt length + tokens decoded so far), the two
+   caches -> ``logits``, ``k_cache_out``, ``v_cache_out``; feed the outputs back as the next caches.
+4. Detokenize and parse the ``<answer>`` into an action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SYSTEM = (
+    "You operate a phone. Reply <think>why</think><answer>ACTION</answer>; ACTION is do(action=Tap|Long Press|"
+    "Type|Swipe|Launch|Back|Home|Wait, ...) or finish(message=...)."
+)
+
+Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class ExportFolderError(ValueError):
+    """The folder is not a complete export, or lacks the requested artifact."""
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ExportFolderError(
+            f"{path} not found: {folder} is not a finished export folder (an interrupted export leaves none). "
+            "Export with `python -m autoglm_distill.export student=<folder>`."
+        )
+    return json.loads(path.read_text())
+
+
+def _artifacts(manifest: dict, fmt: str, precision: str) -> dict[str, str]:
+    """graph name -> file, for one format and precision."""
+    found = {
+        g: a["file"]
+        for a in manifest["artifacts"]
+        if a["format"] == fmt and a["precision"] == precision
+        for g in a["graphs"]
+    }
+    if {"prefill", "decode"} - set(found):
+        have = sorted({f"{a['format']}/{a['precision']}" for a in manifest["artifacts"]})
+        raise ExportFolderError(f"no {fmt}/{precision} prefill+decode in this export; it has {have}")
+    return found
+
+
+def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> tuple[Step, Step]:
+    """(prefill, decode), each taking and returning ``{name: array}``."""
+    files = _artifacts(manifest, fmt, precision)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        def session(graph: str) -> Step:
+            sess = ort.InferenceSession(str(folder / files[graph]), providers=["CPUExecutionProvider"])
+            names = [o.name for o in sess.get_outputs()]
+            return lambda feeds: dict(zip(names, sess.run(None, feeds), strict=True))
+
+        return session("prefill"), session("decode")
+    if fmt == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(folder / files["prefill"]))
+        prefill, decode = interpreter.get_signature_runner("prefill"), interpreter.get_signature_runner("decode")
+        # Copy the outputs: the runner's arrays may alias interpreter memory that the next call overwrites.
+        return (
+            lambda feeds: {k: np.array(v) for k, v in prefill(**feeds).items()},
+            lambda feeds: {k: np.array(v) for k, v in decode(**feeds).items()},
+        )
+    raise ExportFolderError(f"--format {fmt}: the runner drives onnx or tflite (Core ML runs on Apple devices)")
+
+
+def generate(prefill: Step, decode: Step, prompt: list[int], model: dict, max_new_tokens: int) -> list[int]:
+    """Greedy decoding through the two graphs (steps 2-3 of the module docstring); EOS included when reached."""
+    context = model["max_context"]
+    if len(prompt) + max_new_tokens - 1 > context:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceed max_context={context}")
+    input_ids = np.full((1, context), model["pad_token_id"], dtype=np.int32)
+    input_ids[0, : len(prompt)] = prompt
+    out = prefill({"input_ids": input_ids, "length": np.array([len(prompt)], dtype=np.int32)})
+    k_cache, v_cache = out["k_cache"], out["v_cache"]
+    tokens: list[int] = []
+    while True:
+        token = int(np.argmax(out["logits"][0]))
+        tokens.append(token)
+        if token in model["eos_token_ids"] or len(tokens) == max_new_tokens:
+            return tokens
+        position = len(prompt) + len(tokens) - 1
+        out = decode(
+            {
+                "token": np.array([[token]], dtype=np.int32),
+                "position": np.array([position], dtype=np.int32),
+                "k_cache": k_cache,
+                "v_cache": v_cache,
+            }
+        )
+        k_cache, v_cache = out["k_cache_out"], out["v_cache_out"]
+
+
+def run(
+    folder: str | Path,
+    prompt: str,
+    system: str | None = DEFAULT_SYSTEM,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    max_new_tokens: int = 64,
+) -> dict:
+    """Generate an answer for one user message; returns prompt/answer token counts, the text and the action."""
+    from transformers import AutoTokenizer
+
+    from autoglm_distill.actions import try_parse
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / manifest["tokenizer"]["folder"]))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+    prefill, decode = load_steps(folder, manifest, fmt, precision)
+    tokens = generate(prefill, decode, ids, manifest["model"], max_new_tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return {
+        "format": fmt,
+        "precision": precision,
+        "prompt_tokens": len(ids),
+        "tokens": tokens,
+        "text": text,
+        "action": try_parse(text),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m autoglm_distill.export.run", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="an export folder (has manifest.json)")
+    parser.add_argument("--prompt", required=True, help='the user message, e.g. "Task: ...\\nApp: ...\\nElements: ..."')
+    parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system message ('' for none)")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "tflite"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        result = run(
+            args.folder,
+            args.prompt.replace("\\n", "\n"),
+            args.system or None,
+            args.format,
+            args.precision,
+            args.max_new_tokens,
+        )
+    except (ExportFolderError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    print(result["text"])
+    print(
+        json.dumps(
+            {"action": result["action"], "prompt_tokens": result["prompt_tokens"], "new_tokens": len(result["tokens"])}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
