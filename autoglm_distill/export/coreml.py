@@ -199,10 +199,15 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
 
     consts = package_weights(record["file"])
     parameters = dict(spec.module.named_parameters())
-    missing, worst, compressed = [], 0.0, 0
+    missing, folded, worst, compressed = [], [], 0.0, 0
     for name, parameter in parameters.items():
         expected = parameter.detach().float().numpy()
         plain, packed = consts.get(_const_name(name)), consts.get(_const_name(name) + "_quantized")
+        if plain is None and packed is None and expected.ndim == 1 and np.all(expected == expected.flat[0]) and (
+            expected.flat[0] in (0.0, 1.0)
+        ):
+            folded.append(name)  # an all-ones scale or all-zeros bias: the converter drops the no-op multiply/add
+            continue
         if packed is not None:
             data, scale = packed
             compressed += 1
@@ -224,7 +229,8 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
     return {
         "check": "structural (Core ML predict runs on macOS only)",
         "io_as_declared": io_ok,
-        "weights_checked": len(parameters) - len(missing),
+        "weights_checked": len(parameters) - len(missing) - len(folded),
+        "weights_folded_as_identity": len(folded),
         "weights_missing": missing[:10],
         "weights_int8": compressed,
         "worst_weight_error_in_tolerances": worst,
