@@ -60,6 +60,13 @@ def test_text_only_student_with_csv_logger(tmp_path):
             "logger=csv",
             "baseline=false",
             "distill=jsd",
+            # The export step (the smoke recipe turns it off for its Glm4v student): one format keeps it quick.
+            "export=default",
+            "export.formats=[tflite]",
+            "export.max_context=256",
+            "export.max_new_tokens=8",
+            "export.bars.int8_min_top1_agreement=0.3",
+            f"export.dir={tmp_path / 'export'}",
             f"hydra.run.dir={tmp_path}",
         ],
         cwd=tmp_path,
@@ -70,6 +77,18 @@ def test_text_only_student_with_csv_logger(tmp_path):
     assert set(summary["eval"]) == {"teacher", "student"}
     assert (tmp_path / "csv").is_dir()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.model_type == "glm4"
+    exported = summary["export"]["artifacts"]
+    assert {(a["format"], a["precision"]) for a in exported} == {("tflite", "fp32"), ("tflite", "int8")}
+    assert all(a["passed"] for a in exported)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["source"] == str(tmp_path / "student")
+
+
+def test_export_of_an_image_text_student_is_refused_before_training(tmp_path):
+    proc = run_cli(["recipe=smoke", "export=default", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "student.arch='glm4v'" in proc.stderr and "export=none" in proc.stderr
+    assert not (tmp_path / "student").exists()
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_path):
