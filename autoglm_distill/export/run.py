@@ -111,6 +111,36 @@ def generate(prefill: Step, decode: Step, prompt: list[int], model: dict, max_ne
         k_cache, v_cache = out["k_cache_out"], out["v_cache_out"]
 
 
+class Runner:
+    """An export folder loaded once: tokenizer, manifest and one format+precision's graphs."""
+
+    def __init__(self, folder: str | Path, fmt: str = "onnx", precision: str = "fp32"):
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / self.manifest["tokenizer"]["folder"]))
+        self.format, self.precision = fmt, precision
+        self.prefill, self.decode = load_steps(self.folder, self.manifest, fmt, precision)
+
+    def __call__(self, messages: list[dict], max_new_tokens: int = 64) -> dict:
+        """Answer a chat of text messages (an assistant message, if any, is left out of the prompt)."""
+        from autoglm_distill.actions import try_parse
+
+        prompt = [m for m in messages if m["role"] != "assistant"]
+        ids = self.tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        tokens = generate(self.prefill, self.decode, list(ids), self.manifest["model"], max_new_tokens)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return {
+            "format": self.format,
+            "precision": self.precision,
+            "prompt_tokens": len(ids),
+            "tokens": tokens,
+            "text": text,
+            "action": try_parse(text),
+        }
+
+
 def run(
     folder: str | Path,
     prompt: str,
@@ -120,26 +150,8 @@ def run(
     max_new_tokens: int = 64,
 ) -> dict:
     """Generate an answer for one user message; returns prompt/answer token counts, the text and the action."""
-    from transformers import AutoTokenizer
-
-    from autoglm_distill.actions import try_parse
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / manifest["tokenizer"]["folder"]))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
-    prefill, decode = load_steps(folder, manifest, fmt, precision)
-    tokens = generate(prefill, decode, ids, manifest["model"], max_new_tokens)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return {
-        "format": fmt,
-        "precision": precision,
-        "prompt_tokens": len(ids),
-        "tokens": tokens,
-        "text": text,
-        "action": try_parse(text),
-    }
+    return Runner(folder, fmt, precision)(messages, max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
