@@ -97,12 +97,6 @@ def validate(cfg: DictConfig) -> None:
         problems.append("trainer.max_steps must be a positive number of optimizer steps.")
     export = cfg.get("export")
     if export is not None and export.enabled:
-        if cfg.student.path is None and cfg.student.arch != "glm4":
-            problems.append(
-                f"export is on but student.arch={cfg.student.arch!r}: the export of image-text (Glm4v) students is "
-                "not built yet (text-only GLM-4 only). Add export=none, or distil a text-only student "
-                "(student=demo or student=tiny_text)."
-            )
         unknown_formats = set(export.formats) - {"onnx", "tflite", "coreml"}
         if unknown_formats:
             problems.append(f"export.formats has {sorted(unknown_formats)}: choose from onnx, tflite, coreml.")

@@ -27,9 +27,9 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data import synth
-from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts, read_split
+from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts
 from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
-from autoglm_distill.export.exporter import export_student, settings_from_config
+from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import (
     build_model,
@@ -355,10 +355,17 @@ def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) ->
 def export_stage(cfg: DictConfig, student, tokenizer, encoder: ChatEncoder, root: Path, source: Path) -> dict:
     """Export the distilled student; golden prompts are the val split's, encoded as in training."""
     settings = settings_from_config(cfg.export)
-    records, _ = read_split(root / "val.jsonl", root)
-    golden = [encoder.encode_prompt(r["messages"], root)[0] for r in records[: 16 * settings.golden_prompts]]
+    golden = data_goldens(root, encoder, limit=16 * settings.golden_prompts)
     log.info("Exporting the student to %s (%s)", cfg.export.dir, ", ".join(settings.formats))
-    manifest = export_student(student, tokenizer, cfg.export.dir, settings, golden=golden, source=str(source))
+    manifest = export_student(
+        student,
+        tokenizer,
+        cfg.export.dir,
+        settings,
+        golden=golden,
+        source=str(source),
+        image_processor=encoder.image_processor,
+    )
     return {
         "dir": str(cfg.export.dir),
         "artifacts": [

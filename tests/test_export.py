@@ -17,16 +17,19 @@ from autoglm_distill.export import (
     DecodeGraph,
     ExportSettings,
     ExportVerificationError,
+    Golden,
     PrefillGraph,
+    Session,
     coreml,
     export_student,
     exporter,
-    greedy_generate,
+    graph_modules,
+    graph_specs,
     onnx,
     tflite,
 )
 from autoglm_distill.export import run as runner
-from autoglm_distill.export.exporter import chat_prompt_ids, fitting_prompts
+from autoglm_distill.export.exporter import chat_prompt_ids, fitting
 from autoglm_distill.models import build_model
 
 from .conftest import TINY_TEXT
@@ -62,8 +65,15 @@ def exported(model, tokenizer, tmp_path_factory):
     return out, manifest
 
 
+FACTS = {"max_context": MAX_CONTEXT, "pad_token_id": 0}
+
+
 def _graphs(model, context=MAX_CONTEXT):
     return PrefillGraph(model, context).eval(), DecodeGraph(model, context).eval()
+
+
+def _greedy(model, prompt, max_new_tokens, eos=()):
+    return Session(graph_modules(model, FACTS), FACTS).generate(Golden(list(prompt)), max_new_tokens, eos)
 
 
 @torch.no_grad()
@@ -87,15 +97,14 @@ def test_wrapper_logits_match_hf(model, prompts):
 
 
 def test_greedy_generate_matches_hf_generate(model, prompts):
-    prefill, decode = _graphs(model)
-    eos = model.generation_config.eos_token_id
+    eos = [model.generation_config.eos_token_id]
     for prompt in prompts:
-        ours = greedy_generate(prefill, decode, prompt, 32, eos, MAX_CONTEXT)
+        ours = _greedy(model, prompt, 32, eos)
         ids = torch.tensor([prompt])
         hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
         assert ours == hf[0, len(prompt) :].tolist()
     with pytest.raises(ValueError, match="max_context"):
-        greedy_generate(prefill, decode, [1] * MAX_CONTEXT, 32, eos, MAX_CONTEXT)
+        _greedy(model, [1] * MAX_CONTEXT, 32, eos)
 
 
 def test_every_format_and_precision_is_written_and_passes(exported):
@@ -144,10 +153,26 @@ def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
 
 def test_int8_is_well_under_half_of_fp32_on_a_wider_student(tokenizer, tmp_path):
     torch.manual_seed(0)
-    wide = build_model("glm4", {**TINY_TEXT, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
-                                "num_key_value_heads": 2, "num_hidden_layers": 2}, tokenizer).eval()
-    settings = ExportSettings(max_context=16, max_new_tokens=4, golden_prompts=1, latency_runs=1,
-                              formats=("onnx", "tflite"), bars=Bars(int8_min_top1_agreement=0.0))
+    wide = build_model(
+        "glm4",
+        {
+            **TINY_TEXT,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 2,
+        },
+        tokenizer,
+    ).eval()
+    settings = ExportSettings(
+        max_context=16,
+        max_new_tokens=4,
+        golden_prompts=1,
+        latency_runs=1,
+        formats=("onnx", "tflite"),
+        bars=Bars(int8_min_top1_agreement=0.0),
+    )
     manifest = export_student(wide, tokenizer, tmp_path / "wide", settings, golden=[[1, 2, 3]])
     size = {}
     for a in manifest["artifacts"]:
@@ -201,8 +226,7 @@ def test_reference_runner_generates_what_pytorch_generates(exported, model, toke
     chat = sample_chats(1, seed=7)[0]
     result = runner.run(out, chat[1]["content"], chat[0]["content"], fmt, "fp32", max_new_tokens=NEW_TOKENS)
     prompt = chat_prompt_ids(tokenizer, [chat[:2]])[0]
-    prefill, decode = _graphs(model)
-    expected = greedy_generate(prefill, decode, prompt, NEW_TOKENS, model.generation_config.eos_token_id, MAX_CONTEXT)
+    expected = _greedy(model, prompt, NEW_TOKENS, [model.generation_config.eos_token_id])
     assert result["prompt_tokens"] == len(prompt) and result["tokens"] == expected
 
 
@@ -256,15 +280,23 @@ def test_bad_settings_and_models_are_refused_with_the_fix(model, tokenizer, tmp_
     with pytest.raises(ValueError, match="unknown export format"):
         ExportSettings(formats=("onnx", "tflit"))
     with pytest.raises(ValueError, match="raise export.max_context"):
-        fitting_prompts([[1] * 100], ExportSettings(max_context=64, max_new_tokens=8))
-    model.config.model_type = "glm4v"
+        fitting([Golden([1] * 100)], ExportSettings(max_context=64, max_new_tokens=8))
+    small = ExportSettings(max_context=64, max_new_tokens=4)
+    model.config.model_type = "llama"
     try:
         with pytest.raises(ValueError, match="export=none"):
-            export_student(
-                model, tokenizer, tmp_path / "x", ExportSettings(max_context=64, max_new_tokens=4), golden=[[1, 2]]
-            )
+            export_student(model, tokenizer, tmp_path / "x", small, golden=[[1, 2]])
     finally:
         model.config.model_type = "glm4"
+    assert not (tmp_path / "x").exists()
+
+
+def test_image_text_export_needs_screenshots(vision_model, tokenizer, tmp_path):
+    small = ExportSettings(max_context=64, max_new_tokens=4)
+    with pytest.raises(ValueError, match="data_path"):
+        export_student(vision_model, tokenizer, tmp_path / "x", small)
+    with pytest.raises(ValueError, match="screenshot"):
+        export_student(vision_model, tokenizer, tmp_path / "x", small, golden=[[1, 2]])
     assert not (tmp_path / "x").exists()
 
 
@@ -311,9 +343,101 @@ def test_cli_exports_a_saved_student(model, tokenizer, data_dir, tmp_path):
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predict runs on macOS only")
 def test_coreml_predict_matches_pytorch_on_macos(exported, model):
     out, manifest = exported
-    specs = exporter.graph_specs(model, MAX_CONTEXT)
+    specs = graph_specs(model, manifest["model"])
     for artifact in manifest["artifacts"]:
         if artifact["format"] == "coreml" and artifact["precision"] == "fp16":
             (graph,) = artifact["graphs"]
             figures = coreml.predict_parity({"file": out / artifact["file"]}, specs[graph])
             assert figures["top1_match"] and figures["logits_max_abs_diff"] < 5e-2
+
+
+# --- GLM-4.1V (image-text) students: vision graph + prefill over image embeddings ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision_model(tokenizer):
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    preset = OmegaConf.to_container(OmegaConf.load(config_lib.CONF_DIR / "student" / "tiny.yaml").config)
+    return build_model("glm4v", preset, tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer, image_processor):
+    from autoglm_distill.data.phone import ChatEncoder
+
+    return ChatEncoder(tokenizer, image_processor, max_length=1 << 30)
+
+
+@pytest.fixture(scope="module")
+def vision_goldens(data_dir, encoder):
+    return exporter.data_goldens(data_dir, encoder, limit=4)
+
+
+@pytest.fixture(scope="module")
+def vision_exported(vision_model, tokenizer, image_processor, vision_goldens, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny_vision"
+    manifest = export_student(
+        vision_model, tokenizer, out, SETTINGS, golden=vision_goldens, image_processor=image_processor
+    )
+    return out, manifest
+
+
+@torch.no_grad()
+def test_glm4v_graphs_match_hf(vision_model, vision_goldens, encoder):
+    golden = vision_goldens[0]
+    facts = exporter.model_facts(vision_model, encoder.tokenizer, MAX_CONTEXT, golden)
+    graphs = graph_modules(vision_model, facts)
+    grid = torch.tensor([golden.grid_thw])
+    embeds = graphs["vision"](golden.pixel_values)
+    hf_embeds = vision_model.model.get_image_features(golden.pixel_values, grid).pooler_output[0]
+    assert (embeds - hf_embeds).abs().max() < 1e-5
+    session = Session(graphs, facts)
+    sequence = list(golden.prompt)
+    logits = session.prefill(golden)
+    for token in (5, 17, None):
+        ids = torch.tensor([sequence])
+        vision_model.model.rope_deltas = None  # HF caches the multimodal rope offsets between calls
+        hf = vision_model(
+            input_ids=ids,
+            pixel_values=golden.pixel_values,
+            image_grid_thw=grid,
+            mm_token_type_ids=(ids == encoder.image_token_id).long(),
+        ).logits[0, -1]
+        assert (logits - hf).abs().max() < 1e-5
+        if token is not None:
+            logits = session.decode(token)
+            sequence.append(token)
+
+
+def test_glm4v_every_format_and_precision_passes(vision_exported, vision_model):
+    out, manifest = vision_exported
+    image = manifest["model"]["image"]
+    assert image["tokens"] == image["merged_grid"][0] * image["merged_grid"][1]
+    assert (image["width_px"], image["height_px"]) == (56, 112)
+    by_kind = {}
+    for artifact in manifest["artifacts"]:
+        assert artifact["parity"]["passed"], artifact
+        by_kind.setdefault((artifact["format"], artifact["precision"]), set()).update(artifact["graphs"])
+    assert len(by_kind) == 6 and all(graphs == {"vision", "prefill", "decode"} for graphs in by_kind.values())
+    fp32 = [a["parity"] for a in manifest["artifacts"] if a["precision"] == "fp32"]
+    assert all(p["greedy_match"] and max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"]) <= 1e-4 for p in fp32)
+    tflite_io = next(a for a in manifest["artifacts"] if a["format"] == "tflite")["signatures"]
+    assert [i["name"] for i in tflite_io["vision"]["inputs"]] == ["pixel_values"]
+    assert {i["name"] for i in tflite_io["prefill"]["inputs"]} == {"input_ids", "length", "image_embeds", "image_start"}
+    assert "rope_position" in {i["name"] for i in tflite_io["decode"]["inputs"]}
+    assert (out / "tokenizer" / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_glm4v_reference_runner_generates_what_pytorch_generates(vision_exported, vision_model, encoder, data_dir, fmt):
+    from autoglm_distill.data.phone import read_split
+
+    out, manifest = vision_exported
+    record = read_split(data_dir / "val.jsonl", data_dir)[0][0]
+    result = runner.Runner(out, fmt, "fp32")(record["messages"], NEW_TOKENS, root=data_dir)
+    golden = exporter.data_goldens(data_dir, encoder, limit=1)[0]
+    facts = manifest["model"]
+    expected = Session(graph_modules(vision_model, facts), facts).generate(golden, NEW_TOKENS, facts["eos_token_ids"])
+    assert result["prompt_tokens"] == len(golden.prompt) and result["tokens"] == expected

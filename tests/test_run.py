@@ -84,11 +84,26 @@ def test_text_only_student_with_csv_logger(tmp_path):
     assert manifest["source"] == str(tmp_path / "student")
 
 
-def test_export_of_an_image_text_student_is_refused_before_training(tmp_path):
-    proc = run_cli(["recipe=smoke", "export=default", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "student.arch='glm4v'" in proc.stderr and "export=none" in proc.stderr
-    assert not (tmp_path / "student").exists()
+def test_smoke_run_exports_its_image_text_student(tmp_path):
+    proc = run_cli(
+        [
+            "recipe=smoke",
+            "baseline=false",
+            "export=default",
+            "export.formats=[onnx]",
+            "export.max_context=256",
+            "export.max_new_tokens=8",
+            "export.bars.int8_min_top1_agreement=0.3",
+            f"export.dir={tmp_path / 'export'}",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "glm4v" and manifest["model"]["image"]["tokens"] > 0
+    graphs = {g for a in manifest["artifacts"] for g in a["graphs"]}
+    assert graphs == {"vision", "prefill", "decode"} and all(a["parity"]["passed"] for a in manifest["artifacts"])
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_path):

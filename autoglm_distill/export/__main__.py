@@ -1,8 +1,9 @@
 """Export an existing student: ``python -m autoglm_distill.export student=<folder> [export.* overrides]``.
 
-The folder is what a run saves as ``<run dir>/student`` (or any HF text-only GLM-4 causal LM with its tokenizer).
-Golden prompts for the parity checks come from ``data_path=<folder>/val.jsonl`` when given, else from built-in
-synthetic phone chats. Output: ``export/<run name>_<time>/`` by default (``export.dir=`` overrides).
+The folder is what a run saves as ``<run dir>/student`` (or any HF GLM-4 / GLM-4.1V model with its tokenizer and, for
+GLM-4.1V, image processor). Golden prompts for the parity checks come from ``data_path=<folder>/val.jsonl`` when given
+(required for a GLM-4.1V student: the screenshots fix the image size), else from built-in synthetic phone chats.
+Output: ``export/<run name>_<time>/`` by default (``export.dir=`` overrides).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from transformers import AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
-from autoglm_distill.export.exporter import export_student, settings_from_config, val_prompt_ids
-from autoglm_distill.models import load_pretrained
+from autoglm_distill.data.phone import ChatEncoder
+from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
+from autoglm_distill.models import is_image_text, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,20 @@ def export_folder(cfg: DictConfig) -> dict:
     settings = settings_from_config(cfg.export)
     model = load_pretrained(str(student), "auto", "float32", False, role="student")
     tokenizer = AutoTokenizer.from_pretrained(str(student))
-    golden = val_prompt_ids(Path(cfg.data_path), tokenizer) if cfg.data_path else None
-    return export_student(model, tokenizer, cfg.export.dir, settings, golden=golden, source=str(student.resolve()))
+    image_processor = AutoImageProcessor.from_pretrained(str(student)) if is_image_text(model) else None
+    golden = None
+    if cfg.data_path:
+        encoder = ChatEncoder(tokenizer, image_processor, max_length=1 << 30)
+        golden = data_goldens(Path(cfg.data_path), encoder)
+    return export_student(
+        model,
+        tokenizer,
+        cfg.export.dir,
+        settings,
+        golden=golden,
+        source=str(student.resolve()),
+        image_processor=image_processor,
+    )
 
 
 def _student_argument(argv: list[str]) -> list[str]:

@@ -198,13 +198,17 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
     )
 
     consts = package_weights(record["file"])
-    parameters = dict(spec.module.named_parameters())
+    parameters = used_parameters(spec)
     missing, folded, worst, compressed = [], [], 0.0, 0
     for name, parameter in parameters.items():
         expected = parameter.detach().float().numpy()
         plain, packed = consts.get(_const_name(name)), consts.get(_const_name(name) + "_quantized")
-        if plain is None and packed is None and expected.ndim == 1 and np.all(expected == expected.flat[0]) and (
-            expected.flat[0] in (0.0, 1.0)
+        if (
+            plain is None
+            and packed is None
+            and expected.ndim == 1
+            and np.all(expected == expected.flat[0])
+            and (expected.flat[0] in (0.0, 1.0))
         ):
             folded.append(name)  # an all-ones scale or all-zeros bias: the converter drops the no-op multiply/add
             continue
@@ -236,6 +240,22 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
         "worst_weight_error_in_tolerances": worst,
         "passed": bool(passed),
     }
+
+
+def used_parameters(spec: GraphSpec) -> dict[str, torch.Tensor]:
+    """The parameters the graph really uses (a prefill graph holds the whole model, vision tower included), by the
+    names torch.export gives them."""
+    if not hasattr(spec, "_used_parameters"):
+        with torch.no_grad():
+            program = torch.export.export(spec.module, tuple(spec.example.values()))
+        signature = program.graph_signature
+        names = {
+            signature.inputs_to_parameters[node.name]
+            for node in program.graph.nodes
+            if node.op == "placeholder" and node.name in signature.inputs_to_parameters and node.users
+        }
+        spec._used_parameters = {n: p for n, p in spec.module.named_parameters() if n in names}
+    return spec._used_parameters
 
 
 def predict_parity(record: Mapping[str, Any], spec: GraphSpec) -> dict:

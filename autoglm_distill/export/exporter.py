@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from autoglm_distill.export import coreml, onnx, tflite
-from autoglm_distill.export.graphs import GraphSpec, graph_specs
+from autoglm_distill.export.graphs import GraphSpec, decoder_parts, graph_specs
 from autoglm_distill.export.report import measure_latency, write_report
-from autoglm_distill.export.verify import Bars, ExportVerificationError, compare, judge, references
+from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
 from autoglm_distill.utils import save_dir_atomic
 
 log = logging.getLogger(__name__)
@@ -86,24 +86,44 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def model_facts(model: nn.Module, tokenizer, max_context: int) -> dict[str, Any]:
-    """The facts a runtime needs to drive the graphs; stored in the manifest and in every file's metadata."""
-    cfg = model.config
+def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | None = None) -> dict[str, Any]:
+    """The facts a runtime needs to drive the graphs; stored in the manifest and in every file's metadata.
+
+    For an image-text student ``golden`` (a prompt with its screenshot) fixes the image geometry of the graphs."""
+    text, _, cfg = decoder_parts(model)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or cfg.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    return {
+    pad = getattr(cfg, "pad_token_id", None)
+    facts = {
         "producer": "autoglm_distill",
-        "architecture": cfg.model_type,
+        "architecture": model.config.model_type,
         "max_context": max_context,
         "vocab_size": cfg.vocab_size,
         "num_layers": cfg.num_hidden_layers,
         "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "head_dim": text.layers[0].self_attn.head_dim,
         "eos_token_ids": eos_ids,
-        "pad_token_id": pad,
+        "pad_token_id": pad if pad is not None else 0,
         "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens},
     }
+    if model.config.model_type == "glm4v":
+        if golden is None or golden.grid_thw is None:
+            raise ValueError("an image-text student needs golden prompts with a screenshot to fix the image size")
+        vision = model.config.vision_config
+        t, h, w = golden.grid_thw
+        merged = [h // vision.spatial_merge_size, w // vision.spatial_merge_size]
+        tokens = merged[0] * merged[1]
+        facts["image"] = {
+            "token_id": tokenizer.convert_tokens_to_ids("<|image|>"),
+            "height_px": h * vision.patch_size,
+            "width_px": w * vision.patch_size,
+            "grid_thw": [t, h, w],
+            "patch_dim": int(golden.pixel_values.shape[1]),
+            "merged_grid": merged,
+            "tokens": tokens,
+            "rope_delta": max(merged) - tokens,
+        }
+    return facts
 
 
 def chat_prompt_ids(tokenizer, chats: Sequence[Sequence[Mapping]]) -> list[list[int]]:
@@ -118,34 +138,41 @@ def chat_prompt_ids(tokenizer, chats: Sequence[Sequence[Mapping]]) -> list[list[
     return out
 
 
-def val_prompt_ids(root: Path, tokenizer, limit: int = 64) -> list[list[int]]:
-    """Prompt token ids (text only) of the first ``limit`` valid chats of ``<root>/val.jsonl``, as training encoded
-    them."""
-    from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
+def data_goldens(root: Path, encoder, limit: int = 64) -> list[Golden]:
+    """Golden prompts from the first ``limit`` valid chats of ``<root>/val.jsonl``, encoded as in training (with
+    their screenshots when ``encoder`` has an image processor)."""
+    from autoglm_distill.data.phone import DataError, read_split
 
     path = root / "val.jsonl"
     if not path.is_file():
-        raise DataError(
-            f"{path} does not exist: data_path must be a data folder with val.jsonl (or leave it unset "
-            "to check on built-in synthetic chats)"
-        )
+        raise DataError(f"{path} does not exist: data_path must be a data folder with val.jsonl")
     records, _ = read_split(path, root)
-    encoder = ChatEncoder(tokenizer, None, max_length=1 << 30)
-    return [encoder.encode_prompt(r["messages"], root)[0] for r in records[:limit]]
+    goldens = []
+    for record in records[:limit]:
+        ids, images = encoder.encode_prompt(record["messages"], root)
+        if encoder.use_images and len(images) == 1:
+            pixels = encoder.pixels(images, root)
+            grid = tuple(int(n) for n in pixels["image_grid_thw"][0])
+            goldens.append(Golden(ids, pixels["pixel_values"].float(), grid))
+        elif not encoder.use_images:
+            goldens.append(Golden(ids))
+    return goldens
 
 
-def fitting_prompts(prompts: Sequence[Sequence[int]], settings: ExportSettings) -> list[list[int]]:
-    """The first ``settings.golden_prompts`` prompts that leave room for ``max_new_tokens`` in ``max_context``."""
+def fitting(goldens: Sequence[Golden], settings: ExportSettings) -> list[Golden]:
+    """The first ``settings.golden_prompts`` goldens that leave room for ``max_new_tokens`` in ``max_context`` (and,
+    with screenshots, have the first one's image size: the graphs are built for one size)."""
     room = settings.max_context - settings.max_new_tokens + 1
-    fitting = [list(p) for p in prompts if 0 < len(p) <= room][: settings.golden_prompts]
-    if not fitting:
-        longest = max((len(p) for p in prompts), default=0)
+    grid = goldens[0].grid_thw if goldens else None
+    fit = [g for g in goldens if 0 < len(g.prompt) <= room and g.grid_thw == grid][: settings.golden_prompts]
+    if not fit:
+        longest = max((len(g.prompt) for g in goldens), default=0)
         raise ValueError(
             f"no golden prompt fits: export.max_context={settings.max_context} leaves {room} tokens after "
             f"export.max_new_tokens={settings.max_new_tokens}, the prompts have up to {longest}; raise "
             "export.max_context"
         )
-    return fitting
+    return fit
 
 
 def _fp32_cpu(model: nn.Module) -> nn.Module:
@@ -154,21 +181,20 @@ def _fp32_cpu(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
 
 
-def _runtime(fmt: str, records: Sequence[Mapping], specs: Mapping[str, GraphSpec]):
-    """(prefill, decode) callables of one format+precision in its real runtime."""
+def _runtime(fmt: str, records: Sequence[Mapping], specs: Mapping[str, GraphSpec]) -> dict[str, Any]:
+    """Every graph of one format+precision, loaded in its real runtime and called like the torch wrappers."""
 
     def find(graph: str) -> Mapping:
         return next(r for r in records if graph in r["graphs"])
 
-    return tuple(BACKENDS[fmt].load(find(g), g, specs[g].inputs, specs[g].outputs) for g in ("prefill", "decode"))
+    return {g: BACKENDS[fmt].load(find(g), g, spec.inputs, spec.outputs) for g, spec in specs.items()}
 
 
 def _check(fmt: str, precision: str, records, specs, refs, facts, bars: Bars) -> dict:
     if fmt == "coreml":
         checks = {r["graphs"][0]: coreml.check_structure(r, specs, precision) for r in records}
         return {"kind": "structural", **checks, "passed": all(c["passed"] for c in checks.values())}
-    prefill, decode = _runtime(fmt, records, specs)
-    figures = compare(prefill, decode, refs, facts["max_context"], facts["pad_token_id"])
+    figures = compare(_runtime(fmt, records, specs), refs, facts)
     return {
         "kind": "runtime",
         "runtime": "onnxruntime CPU EP" if fmt == "onnx" else "ai_edge_litert Interpreter",
@@ -181,19 +207,23 @@ def export_student(
     tokenizer,
     out_dir: str | os.PathLike,
     settings: ExportSettings | None = None,
-    golden: Sequence[Sequence[int]] | None = None,
+    golden: Sequence[Golden | Sequence[int]] | None = None,
     source: str | None = None,
+    image_processor=None,
 ) -> dict:
-    """Export ``model`` (a text-only GLM-4 ``*ForCausalLM``) and its tokenizer to ``out_dir``; returns the manifest.
+    """Export ``model`` (GLM-4 or GLM-4.1V) and its tokenizer to ``out_dir``; returns the manifest.
 
     Args:
         model: the student; exported as an fp32 CPU copy (the caller's model is untouched).
         tokenizer: its tokenizer; saved into ``out_dir/tokenizer`` and used to render the golden prompts.
         out_dir: the export folder; an existing one is replaced only after every check passed.
         settings: formats, max context, bars; defaults to ``ExportSettings()``.
-        golden: prompt token ids the parity checks run (those that fit are used, up to ``golden_prompts``);
-            default: seeded synthetic phone chats rendered with the tokenizer's chat template.
+        golden: prompts the parity checks run (``Golden``, or token-id lists for text-only students); those that fit
+            are used, up to ``golden_prompts``. Default (text-only students): seeded synthetic phone chats rendered
+            with the tokenizer's chat template. Image-text students need goldens with their screenshots; the first
+            one's image size becomes the graphs' fixed size.
         source: where the student came from (a folder, a run), recorded in the manifest.
+        image_processor: an image-text student's image processor, saved next to the tokenizer.
 
     Raises:
         ExportVerificationError: an artifact failed its check; ``report`` holds every figure.
@@ -203,23 +233,28 @@ def export_student(
     settings = settings or ExportSettings()
     out_dir = Path(out_dir).resolve()
     model = _fp32_cpu(model)
-    facts = model_facts(model, tokenizer, settings.max_context)
     if golden is None:
+        if model.config.model_type == "glm4v":
+            raise ValueError(
+                "an image-text student is checked on prompts with screenshots: pass data_path=<folder with val.jsonl>"
+            )
         golden = chat_prompt_ids(tokenizer, sample_chats(settings.golden_prompts, seed=0))
-    prompts = fitting_prompts(golden, settings)
+    goldens = fitting([g if isinstance(g, Golden) else Golden(list(g)) for g in golden], settings)
+    facts = model_facts(model, tokenizer, settings.max_context, goldens[0])
     log.info(
-        "export: %d golden prompts (%s tokens), max_context %d",
-        len(prompts),
-        "/".join(str(len(p)) for p in prompts),
+        "export: %d golden prompts (%s tokens), max_context %d%s",
+        len(goldens),
+        "/".join(str(len(g.prompt)) for g in goldens),
         settings.max_context,
+        f", screenshots {facts['image']['width_px']}x{facts['image']['height_px']}" if "image" in facts else "",
     )
-    refs = references(model, prompts, settings.max_context, settings.max_new_tokens, facts["pad_token_id"])
+    refs = references(model, goldens, facts, settings.max_new_tokens)
     was_training = model.training
     model.eval()
     manifest: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        specs = graph_specs(model, settings.max_context)
+        specs = graph_specs(model, facts)
         artifacts, failures = [], []
         for fmt in settings.formats:
             backend = BACKENDS[fmt]
@@ -240,7 +275,7 @@ def export_student(
                     failures.append(f"{fmt} {precision}: {json.dumps(parity)}")
                 latency = None
                 if fmt != "coreml":
-                    latency = measure_latency(*_runtime(fmt, records, specs), prompts[0], facts, settings.latency_runs)
+                    latency = measure_latency(_runtime(fmt, records, specs), goldens[0], facts, settings.latency_runs)
                 for record in records:
                     path = Path(record["file"])
                     artifacts.append(
@@ -265,6 +300,8 @@ def export_student(
                 {"artifacts": artifacts},
             )
         tokenizer.save_pretrained(tmp / "tokenizer")
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp / "tokenizer")
         manifest.update(
             {
                 "manifest_version": MANIFEST_VERSION,
@@ -278,7 +315,7 @@ def export_student(
                     "prompt_ends_with": "<|assistant|>\\n",
                 },
                 "golden": {
-                    "prompts": len(prompts),
+                    "prompts": len(goldens),
                     "max_new_tokens": settings.max_new_tokens,
                     "bars": asdict(settings.bars),
                 },

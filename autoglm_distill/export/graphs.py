@@ -1,4 +1,5 @@
-"""Fixed-shape prefill / decode graphs around a HF ``Glm4ForCausalLM``, with the KV cache as plain tensors.
+"""Fixed-shape graphs around a HF GLM-4 (``Glm4ForCausalLM``) or GLM-4.1V (``Glm4vForConditionalGeneration``)
+student, with the KV cache as plain tensors.
 
 The wrappers reuse the HF model's own weights and modules (embedding, norms, projections, MLP, ``lm_head``) but do
 the attention themselves: rotary embedding from a precomputed cos/sin table indexed by position, an explicit additive
@@ -12,12 +13,17 @@ Shapes (``L`` layers, ``KV`` kv heads, ``C`` = ``max_context``, ``D`` head dim, 
 * decode: ``token`` int32 ``[1, 1]``, ``position`` int32 ``[1]``, ``k_cache``, ``v_cache`` ->
   ``logits`` ``[1, V]`` and the caches with the new token's k/v written at ``position`` (exported as
   ``k_cache_out`` / ``v_cache_out``: ONNX names cannot repeat an input's name).
+
+GLM-4.1V students add a ``vision`` graph (``pixel_values`` [N, 3*T*P*P] of one screenshot of a fixed size ->
+``image_embeds`` [M, H]); their prefill also takes ``image_embeds`` and ``image_start`` [1] (the index of the first
+of the M image tokens in the prompt), their decode also ``rope_position`` [1] (see ``Glm4vPrefillGraph``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,8 +33,7 @@ from torch import nn
 MASK_VALUE = -1e4
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
-PREFILL_INPUTS = ("input_ids", "length")
-DECODE_INPUTS = ("token", "position", "k_cache", "v_cache")
+VISION_OUTPUTS = ("image_embeds",)
 PREFILL_OUTPUTS = ("logits", "k_cache", "v_cache")
 # ONNX names are SSA: an output cannot reuse the input name, so the updated caches get an ``_out`` suffix.
 DECODE_OUTPUTS = ("logits", "k_cache_out", "v_cache_out")
@@ -40,45 +45,72 @@ def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
+def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Any]:
+    """(text decoder with embed_tokens/layers/norm/rotary_emb, lm_head, text config) of a GLM-4 or GLM-4.1V model."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type == "glm4":
+        return model.model, model.lm_head, model.config
+    if model_type == "glm4v":
+        return model.model.language_model, model.lm_head, model.config.text_config
+    raise ValueError(
+        f"export supports GLM-4 (glm4) and GLM-4.1V (glm4v) students, this one is {model_type!r}: export=none skips it"
+    )
+
+
 class _Glm4Graph(nn.Module):
-    """Shared pieces: config facts, the cos/sin table and one decoder step over a fixed-size cache."""
+    """Shared pieces: config facts, the cos/sin tables and one decoder step over a fixed-size cache.
+
+    Positions come as ``[P, S]``: ``P = 1`` for GLM-4's 1-D rotary, ``P = 3`` (temporal, height, width) for
+    GLM-4.1V's multimodal rotary, where each section of the rotary frequencies takes its angle from one row.
+    """
 
     def __init__(self, model: nn.Module, max_context: int):
         super().__init__()
-        cfg = model.config
-        if getattr(cfg, "model_type", None) != "glm4":
-            raise ValueError(
-                f"export supports text-only GLM-4 students (model_type 'glm4'), this one is {cfg.model_type!r}: the "
-                "image-text (Glm4v) vision graph is not built yet. Export a text-only student, or set export=none."
-            )
+        text, lm_head, cfg = decoder_parts(model)
         self.model = model
+        self.text = text
+        self.lm_head = lm_head
         self.max_context = int(max_context)
+        attn = text.layers[0].self_attn
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = attn.head_dim
         self.vocab_size = cfg.vocab_size
         self.scaling = self.head_dim**-0.5
 
-        rotary = model.model.rotary_emb
+        rotary = text.rotary_emb
         if rotary.rope_type not in STATIC_ROPE_TYPES:
             raise ValueError(f"rope_type {rotary.rope_type!r} changes with length; export needs a static one")
-        # The same float ops as Glm4RotaryEmbedding + apply_rotary_pos_emb, done once for every position.
+        # The float ops of the HF rotary embedding, done once for every position 0..C-1 and every frequency.
         inv_freq = rotary.inv_freq.detach().float().cpu()
-        freqs = torch.arange(self.max_context, dtype=torch.float32)[:, None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * rotary.attention_scaling
-        sin = emb.sin() * rotary.attention_scaling
-        half = cos.shape[-1] // 2
-        self.rotary_dim = 2 * half
-        self.register_buffer("cos_table", cos[:, :half].repeat_interleave(2, dim=-1).contiguous(), persistent=False)
-        self.register_buffer("sin_table", sin[:, :half].repeat_interleave(2, dim=-1).contiguous(), persistent=False)
+        freqs = torch.arange(self.max_context, dtype=torch.float32)[:, None] * inv_freq  # [C, R/2]
+        self.rotary_dim = 2 * inv_freq.numel()
+        self.register_buffer("cos_table", freqs.cos() * rotary.attention_scaling, persistent=False)
+        self.register_buffer("sin_table", freqs.sin() * rotary.attention_scaling, persistent=False)
+        sections = getattr(rotary, "mrope_section", None)
+        self.multimodal_rope = sections is not None
+        if sections is not None:  # frequency i takes its angle from position row (section index % 3)
+            row = torch.cat([torch.full((n,), i % 3, dtype=torch.int64) for i, n in enumerate(sections)])
+            self.register_buffer("section_row", row, persistent=False)
         self.register_buffer("key_positions", torch.arange(self.max_context, dtype=torch.int64), persistent=False)
 
     def cache_shape(self) -> tuple[int, int, int, int]:
         return (self.num_layers, self.num_kv_heads, self.max_context, self.head_dim)
 
+    def _angles(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[1, 1, S, R] cos or sin for positions [P, S], each frequency repeated for its interleaved pair."""
+        rows = table.index_select(0, positions.reshape(-1)).view(positions.shape[0], positions.shape[1], -1)
+        if self.multimodal_rope:
+            row = self.section_row
+            picked = torch.where(row == 0, rows[0], torch.where(row == 1, rows[1], rows[2]))
+        else:
+            picked = rows[0]
+        return picked.repeat_interleave(2, dim=-1)[None, None]
+
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == self.head_dim:  # a full-width slice exports as aten.alias, which Core ML rejects
+            return x * cos + _rotate_half_interleaved(x) * sin
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         return torch.cat((rot * cos + _rotate_half_interleaved(rot) * sin, rest), dim=-1)
 
@@ -89,14 +121,13 @@ class _Glm4Graph(nn.Module):
         mask: torch.Tensor,
         write: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run every layer on ``hidden`` [1, S, H] at ``positions`` [S]; ``write`` turns the new per-layer k/v
-        [KV, S, D] into that layer's full cache [KV, C, D] (the keys attended to)."""
+        """Run every layer on ``hidden`` [1, S, H] at rotary ``positions`` [P, S] under ``mask``; ``write`` turns
+        the new per-layer k/v [KV, S, D] into that layer's full cache [KV, C, D] (the keys attended to)."""
         seq = hidden.shape[1]
-        cos = self.cos_table.index_select(0, positions)[None, None]  # [1, 1, S, R]
-        sin = self.sin_table.index_select(0, positions)[None, None]
+        cos, sin = self._angles(self.cos_table, positions), self._angles(self.sin_table, positions)
         groups = self.num_heads // self.num_kv_heads
         ks, vs = [], []
-        for index, layer in enumerate(self.model.model.layers):
+        for index, layer in enumerate(self.text.layers):
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -126,7 +157,7 @@ class _Glm4Graph(nn.Module):
         return torch.where(allowed, zero, torch.full((), MASK_VALUE, dtype=torch.float32))[None, None]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden))[:, 0, :]
+        return self.lm_head(self.text.norm(hidden))[:, 0, :]
 
 
 class PrefillGraph(_Glm4Graph):
@@ -134,14 +165,17 @@ class PrefillGraph(_Glm4Graph):
 
     def forward(self, input_ids: torch.Tensor, length: torch.Tensor):
         positions = self.key_positions
-        hidden = self.model.model.embed_tokens(input_ids.long())
+        hidden = self.text.embed_tokens(input_ids.long())
+        rotary = positions[None].expand(3 if self.multimodal_rope else 1, -1)
+        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._mask(positions), _whole_prompt)
+        return self._last_logits(hidden, length), k_cache, v_cache
 
-        def write(k: torch.Tensor, v: torch.Tensor, index: int):
-            return k, v  # the prompt fills the whole cache; positions >= length are don't-care
+    def _last_logits(self, hidden: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        return self._logits(hidden.index_select(1, length.long() - 1))  # [1, 1, H] -> [1, V]
 
-        hidden, k_cache, v_cache = self._layers(hidden, positions, self._mask(positions), write)
-        last = hidden.index_select(1, length.long() - 1)  # [1, 1, H]
-        return self._logits(last), k_cache, v_cache
+
+def _whole_prompt(k: torch.Tensor, v: torch.Tensor, index: int):
+    return k, v  # the prompt fills the whole cache; positions >= length are don't-care
 
 
 class DecodeGraph(_Glm4Graph):
@@ -149,15 +183,134 @@ class DecodeGraph(_Glm4Graph):
     ``position``)."""
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        positions = position.long()
-        hidden = self.model.model.embed_tokens(token.long())
-        at = (self.key_positions == positions)[None, :, None]  # [1, C, 1]
+        return self._step(token, position, position, k_cache, v_cache)
+
+    def _step(self, token, position, rope_position, k_cache, v_cache):
+        slot = position.long()
+        hidden = self.text.embed_tokens(token.long())
+        at = (self.key_positions == slot)[None, :, None]  # [1, C, 1]
 
         def write(k: torch.Tensor, v: torch.Tensor, index: int):
             return torch.where(at, k, k_cache[index]), torch.where(at, v, v_cache[index])
 
-        hidden, k_cache, v_cache = self._layers(hidden, positions, self._mask(positions), write)
+        rotary = rope_position.long()[None].expand(3 if self.multimodal_rope else 1, -1)
+        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._mask(slot), write)
         return self._logits(hidden), k_cache, v_cache
+
+
+class Glm4vPrefillGraph(PrefillGraph):
+    """GLM-4.1V prefill over a prompt with one screenshot:
+    ``(input_ids [1, C], length [1], image_embeds [M, H], image_start [1]) -> (logits, k_cache, v_cache)``.
+
+    The prompt holds ``M`` image placeholder tokens from ``image_start`` on; their embeddings are replaced by
+    ``image_embeds`` (the vision graph's output). Rotary positions follow GLM-4.1V's multimodal rope: text before the
+    image counts 0, 1, ...; image token ``j`` (row ``j // gw``, column ``j % gw`` of the merged ``gh x gw`` grid) sits
+    at (start, start + row, start + col); text after it resumes at ``start + max(gh, gw)``. Decoding after the image
+    therefore uses ``rope_position = position + rope_delta`` with ``rope_delta = max(gh, gw) - M``.
+    """
+
+    def __init__(self, model: nn.Module, max_context: int, merged_grid: tuple[int, int]):
+        super().__init__(model, max_context)
+        self.grid_h, self.grid_w = (int(n) for n in merged_grid)
+        self.image_tokens = self.grid_h * self.grid_w
+        self.rope_delta = max(self.grid_h, self.grid_w) - self.image_tokens
+        # Row and column of each image token as lookup tables (integer // and % convert to float ops in Core ML).
+        token = torch.arange(self.image_tokens, dtype=torch.int64)
+        self.register_buffer("image_row", token // self.grid_w, persistent=False)
+        self.register_buffer("image_col", token % self.grid_w, persistent=False)
+
+    def forward(self, input_ids, length, image_embeds, image_start):
+        index = self.key_positions
+        relative = index - image_start.long()
+        in_image = torch.logical_and(relative >= 0, relative < self.image_tokens)
+        j = relative.clamp(0, self.image_tokens - 1)
+        text = torch.where(relative >= self.image_tokens, index + self.rope_delta, index)
+        start = image_start.long().expand(self.max_context)
+        rotary = torch.stack(
+            (
+                torch.where(in_image, start, text),
+                torch.where(in_image, start + self.image_row.index_select(0, j), text),
+                torch.where(in_image, start + self.image_col.index_select(0, j), text),
+            )
+        )
+        embeds = self.text.embed_tokens(input_ids.long())[0]
+        hidden = torch.where(in_image[:, None], image_embeds.index_select(0, j).to(embeds.dtype), embeds)[None]
+        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._mask(index), _whole_prompt)
+        return self._last_logits(hidden, length), k_cache, v_cache
+
+
+class Glm4vDecodeGraph(DecodeGraph):
+    """``(token, position, rope_position [1], k_cache, v_cache) -> (logits, k_cache, v_cache)``: the cache slot and
+    the rotary position differ after an image (see ``Glm4vPrefillGraph``)."""
+
+    def forward(self, token, position, rope_position, k_cache, v_cache):
+        return self._step(token, position, rope_position, k_cache, v_cache)
+
+
+class VisionGraph(nn.Module):
+    """GLM-4.1V vision encoder for one screenshot of a fixed size: ``pixel_values [N, 3*T*P*P] -> image_embeds [M, H]``.
+
+    ``pixel_values`` are the image processor's flattened patches (``N = grid_h * grid_w`` patches, ``M = N / merge^2``
+    tokens). With the grid fixed, what HF computes from it at run time is computed here once: the rotary angles of
+    the patches and the bicubic-interpolated position embedding (a function of the learned table only). The
+    patch and merge convolutions (kernel = stride) are the equivalent matmuls, and attention is over the whole image.
+    The graph is a snapshot: it copies the convolution kernels, so build it from the final weights.
+    """
+
+    def __init__(self, model: nn.Module, grid_thw: tuple[int, int, int]):
+        super().__init__()
+        from transformers.vision_utils import get_vision_position_ids
+
+        self.model = model
+        visual = model.model.visual
+        t, h, w = (int(n) for n in grid_thw)
+        if t != 1:
+            raise ValueError(f"the vision graph takes one still image (grid t=1), got grid {grid_thw}")
+        self.merge = visual.spatial_merge_size
+        self.num_patches = h * w
+        self.num_heads = visual.blocks[0].attn.num_heads
+        self.head_dim = visual.blocks[0].attn.head_dim
+        self.scaling = visual.blocks[0].attn.scaling
+        grid = torch.tensor([[t, h, w]])
+        with torch.no_grad():
+            ids = get_vision_position_ids(grid, self.merge)
+            device = visual.embeddings.position_embedding.weight.device
+            zeros = torch.zeros(self.num_patches, visual.config.hidden_size, device=device)
+            cos, sin = visual.rotary_pos_emb(zeros, ids.to(device))
+            position = visual.embeddings(zeros, torch.tensor([self.num_patches]), grid, ids[:, 0], ids[:, 1])
+        self.register_buffer("cos", cos.float()[:, None, :], persistent=False)  # [N, 1, head_dim]
+        self.register_buffer("sin", sin.float()[:, None, :], persistent=False)
+        self.register_buffer("position_embedding", position.float(), persistent=False)
+        # The patch and merge convolutions have kernel = stride: they are matmuls with the flattened kernels, kept
+        # as (frozen) parameters of their own so that converters store and name them as weights.
+        self.patch_weight = nn.Parameter(visual.patch_embed.proj.weight.detach().flatten(1), requires_grad=False)
+        self.merge_weight = nn.Parameter(visual.downsample.weight.detach().flatten(1), requires_grad=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        visual = self.model.model.visual
+        x = nn.functional.linear(pixel_values, self.patch_weight, visual.patch_embed.proj.bias)
+        x = visual.post_conv_layernorm(x) + self.position_embedding
+        n = self.num_patches
+        for block in visual.blocks:
+            qkv = block.attn.qkv(block.norm1(x)).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 0, 2, 3)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # [N, heads, head_dim]
+            q = q * self.cos + self._rotate_half(q) * self.sin
+            k = k * self.cos + self._rotate_half(k) * self.sin
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, head_dim]
+            probs = torch.softmax(torch.matmul(q, k.transpose(1, 2)) * self.scaling, dim=-1)
+            out = torch.matmul(probs, v).transpose(0, 1).reshape(n, -1)
+            x = x + block.attn.proj(out)
+            x = x + block.mlp(block.norm2(x))
+        x = visual.post_layernorm(x)
+        m = self.merge
+        x = x.view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2).flatten(1)  # [M, hidden * m * m], conv order
+        x = nn.functional.linear(x, self.merge_weight, visual.downsample.bias)
+        return visual.merger(x)
 
 
 @dataclass
@@ -174,63 +327,47 @@ class GraphSpec:
         return tuple(self.example)
 
 
-def graph_specs(model: nn.Module, max_context: int) -> dict[str, GraphSpec]:
-    """The prefill and decode graphs of ``model`` (fp32, eval) with fixed-shape example inputs."""
-    prefill, decode = PrefillGraph(model, max_context).eval(), DecodeGraph(model, max_context).eval()
-    c = max_context
+def graph_modules(model: nn.Module, facts: Mapping[str, Any]) -> dict[str, nn.Module]:
+    """The eval-mode graph wrappers of ``model``: prefill and decode, plus vision for an image-text student
+    (``facts["image"]`` gives its fixed grid)."""
+    context = int(facts["max_context"])
+    image = facts.get("image")
+    if image is None:
+        return {"prefill": PrefillGraph(model, context).eval(), "decode": DecodeGraph(model, context).eval()}
+    return {
+        "vision": VisionGraph(model, tuple(image["grid_thw"])).eval(),
+        "prefill": Glm4vPrefillGraph(model, context, tuple(image["merged_grid"])).eval(),
+        "decode": Glm4vDecodeGraph(model, context).eval(),
+    }
+
+
+def graph_specs(model: nn.Module, facts: Mapping[str, Any]) -> dict[str, GraphSpec]:
+    """``graph_modules`` with fixed-shape example inputs and the documented input/output names."""
+    modules = graph_modules(model, facts)
+    c = int(facts["max_context"])
+    prefill = modules["prefill"]
     prefill_example = {
         "input_ids": torch.zeros((1, c), dtype=torch.int32),
         "length": torch.tensor([max(c // 2, 1)], dtype=torch.int32),
     }
-    # Two distinct cache tensors: torch.export treats one tensor passed twice as an alias.
     decode_example = {
         "token": torch.zeros((1, 1), dtype=torch.int32),
         "position": torch.tensor([c // 2], dtype=torch.int32),
-        "k_cache": torch.zeros(prefill.cache_shape(), dtype=torch.float32),
-        "v_cache": torch.zeros(prefill.cache_shape(), dtype=torch.float32),
     }
-    return {
-        "prefill": GraphSpec("prefill", prefill, prefill_example, PREFILL_OUTPUTS),
-        "decode": GraphSpec("decode", decode, decode_example, DECODE_OUTPUTS),
-    }
-
-
-StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@torch.no_grad()
-def greedy_generate(
-    prefill: StepFn,
-    decode: StepFn,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
-    eos_ids: Sequence[int] | int | None,
-    max_context: int,
-    pad_id: int = 0,
-) -> list[int]:
-    """Greedy decoding driven through a prefill and a decode graph; returns the new tokens (an EOS included).
-
-    ``prefill`` / ``decode`` are any callables with the graphs' signatures on torch tensors (the wrappers
-    themselves, or onnxruntime sessions wrapped to take and return tensors).
-    """
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("empty prompt")
-    if len(prompt) + max(max_new_tokens - 1, 0) > max_context:
-        raise ValueError(f"prompt ({len(prompt)}) + {max_new_tokens} new tokens do not fit max_context={max_context}")
-    stops = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
-    ids = torch.full((1, max_context), pad_id, dtype=torch.int32)
-    ids[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.int32)
-    logits, k_cache, v_cache = prefill(ids, torch.tensor([len(prompt)], dtype=torch.int32))
-    out: list[int] = []
-    position = len(prompt)
-    while len(out) < max_new_tokens:
-        token = int(torch.argmax(logits[0]))
-        out.append(token)
-        if token in stops or len(out) == max_new_tokens:
-            break
-        logits, k_cache, v_cache = decode(
-            torch.tensor([[token]], dtype=torch.int32), torch.tensor([position], dtype=torch.int32), k_cache, v_cache
+    specs = {}
+    image = facts.get("image")
+    if image is not None:
+        vision = modules["vision"]
+        hidden = prefill.text.embed_tokens.embedding_dim
+        specs["vision"] = GraphSpec(
+            "vision", vision, {"pixel_values": torch.zeros((vision.num_patches, image["patch_dim"]))}, VISION_OUTPUTS
         )
-        position += 1
-    return out
+        prefill_example["image_embeds"] = torch.zeros((prefill.image_tokens, hidden))
+        prefill_example["image_start"] = torch.tensor([1], dtype=torch.int32)
+        decode_example["rope_position"] = torch.tensor([c // 2], dtype=torch.int32)
+    # Two distinct cache tensors: torch.export treats one tensor passed twice as an alias.
+    decode_example["k_cache"] = torch.zeros(prefill.cache_shape(), dtype=torch.float32)
+    decode_example["v_cache"] = torch.zeros(prefill.cache_shape(), dtype=torch.float32)
+    specs["prefill"] = GraphSpec("prefill", prefill, prefill_example, PREFILL_OUTPUTS)
+    specs["decode"] = GraphSpec("decode", modules["decode"], decode_example, DECODE_OUTPUTS)
+    return specs

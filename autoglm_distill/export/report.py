@@ -13,16 +13,12 @@ import torch
 WARMUP_RUNS = 2
 
 
-def measure_latency(
-    prefill: Callable, decode: Callable, prompt: Sequence[int], facts: Mapping[str, Any], runs: int
-) -> dict:
-    """Median wall time (ms) of ``runs`` prefill calls on ``prompt`` and of ``runs`` decode calls after it."""
-    context = facts["max_context"]
-    ids = torch.full((1, context), facts["pad_token_id"], dtype=torch.int32)
-    ids[0, : len(prompt)] = torch.tensor(list(prompt), dtype=torch.int32)
-    length = torch.tensor([len(prompt)], dtype=torch.int32)
-    token = torch.tensor([[int(prompt[-1])]], dtype=torch.int32)
-    position = torch.tensor([len(prompt)], dtype=torch.int32)
+def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, Any], runs: int) -> dict:
+    """Median wall time (ms) of ``runs`` calls of each graph: vision (when there is one) on the golden screenshot,
+    prefill on the golden prompt, decode of one token after it."""
+    from autoglm_distill.export.verify import Session
+
+    session = Session(graphs, facts)
 
     def timed(fn: Callable[[], Any]) -> float:
         for _ in range(WARMUP_RUNS):
@@ -34,14 +30,20 @@ def measure_latency(
             samples.append((time.perf_counter() - start) * 1e3)
         return statistics.median(samples)
 
-    _, k_cache, v_cache = prefill(ids, length)
-    return {
-        "prefill_ms_median": timed(lambda: prefill(ids, length)),
-        "decode_ms_median": timed(lambda: decode(token, position, k_cache, v_cache)),
-        "runs": runs,
-        "prompt_tokens": len(prompt),
-        "threads": torch.get_num_threads(),
-    }
+    out = {}
+    if "vision" in graphs:
+        out["vision_ms_median"] = timed(lambda: graphs["vision"](golden.pixel_values))
+    args = session.prefill_args(golden)
+    out["prefill_ms_median"] = timed(lambda: graphs["prefill"](*args))
+    session.prefill(golden)
+    k_cache, v_cache, position = session.k_cache, session.v_cache, session.position
+
+    def one_decode() -> None:
+        session.k_cache, session.v_cache, session.position = k_cache, v_cache, position
+        session.decode(int(golden.prompt[-1]))
+
+    out["decode_ms_median"] = timed(one_decode)
+    return {**out, "runs": runs, "prompt_tokens": len(golden.prompt), "threads": torch.get_num_threads()}
 
 
 def _rows(manifest: Mapping[str, Any]) -> list[dict]:

@@ -11,6 +11,16 @@ the graphs.
    ``decode``: ``token`` int32 [1, 1], ``position`` int32 [1] (= prompt length + tokens decoded so far), the two
    caches -> ``logits``, ``k_cache_out``, ``v_cache_out``; feed the outputs back as the next caches.
 4. Detokenize and parse the ``<answer>`` into an action.
+
+Image-text (GLM-4.1V) exports (``manifest.json`` has ``model.image``) take a screenshot too (``--image``):
+
+a. Resize it to exactly ``image.width_px`` x ``image.height_px`` and run the image processor saved in ``tokenizer/``
+   (normalise, cut into ``grid_thw`` patches): ``pixel_values`` float32 [N, ``patch_dim``].
+b. ``vision``: ``pixel_values`` -> ``image_embeds`` [``image.tokens``, hidden].
+c. The user message is [image, text]; the chat template renders one ``<|image|>`` for the image, which is expanded
+   to ``image.tokens`` copies of it; ``image_start`` is the index of the first.
+d. ``prefill`` also takes ``image_embeds`` and ``image_start`` int32 [1]; ``decode`` also takes ``rope_position``
+   int32 [1] = ``position + image.rope_delta``.
 """
 
 from __future__ import annotations
@@ -59,8 +69,8 @@ def _artifacts(manifest: dict, fmt: str, precision: str) -> dict[str, str]:
     return found
 
 
-def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> tuple[Step, Step]:
-    """(prefill, decode), each taking and returning ``{name: array}``."""
+def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> dict[str, Step]:
+    """Every graph of one format and precision, each taking and returning ``{name: array}``."""
     files = _artifacts(manifest, fmt, precision)
     if fmt == "onnx":
         import onnxruntime as ort
@@ -70,28 +80,43 @@ def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> tuple[
             names = [o.name for o in sess.get_outputs()]
             return lambda feeds: dict(zip(names, sess.run(None, feeds), strict=True))
 
-        return session("prefill"), session("decode")
+        return {graph: session(graph) for graph in files}
     if fmt == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
         interpreter = Interpreter(model_path=str(folder / files["prefill"]))
-        prefill, decode = interpreter.get_signature_runner("prefill"), interpreter.get_signature_runner("decode")
-        # Copy the outputs: the runner's arrays may alias interpreter memory that the next call overwrites.
-        return (
-            lambda feeds: {k: np.array(v) for k, v in prefill(**feeds).items()},
-            lambda feeds: {k: np.array(v) for k, v in decode(**feeds).items()},
-        )
+
+        def signature(graph: str) -> Step:
+            runner = interpreter.get_signature_runner(graph)
+            # Copy the outputs: the runner's arrays may alias interpreter memory that the next call overwrites.
+            return lambda feeds: {k: np.array(v) for k, v in runner(**feeds).items()}
+
+        return {graph: signature(graph) for graph in files}
     raise ExportFolderError(f"--format {fmt}: the runner drives onnx or tflite (Core ML runs on Apple devices)")
 
 
-def generate(prefill: Step, decode: Step, prompt: list[int], model: dict, max_new_tokens: int) -> list[int]:
-    """Greedy decoding through the two graphs (steps 2-3 of the module docstring); EOS included when reached."""
+def generate(
+    steps: dict[str, Step],
+    prompt: list[int],
+    model: dict,
+    max_new_tokens: int,
+    pixel_values: np.ndarray | None = None,
+) -> list[int]:
+    """Greedy decoding through the graphs (steps 2-3 and b-d of the module docstring); EOS included when reached."""
     context = model["max_context"]
     if len(prompt) + max_new_tokens - 1 > context:
         raise ValueError(f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceed max_context={context}")
     input_ids = np.full((1, context), model["pad_token_id"], dtype=np.int32)
     input_ids[0, : len(prompt)] = prompt
-    out = prefill({"input_ids": input_ids, "length": np.array([len(prompt)], dtype=np.int32)})
+    feeds = {"input_ids": input_ids, "length": np.array([len(prompt)], dtype=np.int32)}
+    image, rope_delta = model.get("image"), 0
+    if image is not None:
+        if pixel_values is None:
+            raise ValueError("this export reads a screenshot with every prompt: pass --image")
+        feeds["image_embeds"] = steps["vision"]({"pixel_values": pixel_values.astype(np.float32)})["image_embeds"]
+        feeds["image_start"] = np.array([prompt.index(image["token_id"])], dtype=np.int32)
+        rope_delta = image["rope_delta"]
+    out = steps["prefill"](feeds)
     k_cache, v_cache = out["k_cache"], out["v_cache"]
     tokens: list[int] = []
     while True:
@@ -100,36 +125,70 @@ def generate(prefill: Step, decode: Step, prompt: list[int], model: dict, max_ne
         if token in model["eos_token_ids"] or len(tokens) == max_new_tokens:
             return tokens
         position = len(prompt) + len(tokens) - 1
-        out = decode(
-            {
-                "token": np.array([[token]], dtype=np.int32),
-                "position": np.array([position], dtype=np.int32),
-                "k_cache": k_cache,
-                "v_cache": v_cache,
-            }
-        )
+        feeds = {
+            "token": np.array([[token]], dtype=np.int32),
+            "position": np.array([position], dtype=np.int32),
+            "k_cache": k_cache,
+            "v_cache": v_cache,
+        }
+        if image is not None:
+            feeds["rope_position"] = np.array([position + rope_delta], dtype=np.int32)
+        out = steps["decode"](feeds)
         k_cache, v_cache = out["k_cache_out"], out["v_cache_out"]
 
 
 class Runner:
-    """An export folder loaded once: tokenizer, manifest and one format+precision's graphs."""
+    """An export folder loaded once: tokenizer (and image processor), manifest and one format+precision's graphs."""
 
     def __init__(self, folder: str | Path, fmt: str = "onnx", precision: str = "fp32"):
-        from transformers import AutoTokenizer
+        from transformers import AutoImageProcessor, AutoTokenizer
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder / self.manifest["tokenizer"]["folder"]))
+        tokenizer_dir = str(self.folder / self.manifest["tokenizer"]["folder"])
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.image = self.manifest["model"].get("image")
+        self.image_processor = AutoImageProcessor.from_pretrained(tokenizer_dir) if self.image else None
         self.format, self.precision = fmt, precision
-        self.prefill, self.decode = load_steps(self.folder, self.manifest, fmt, precision)
+        self.steps = load_steps(self.folder, self.manifest, fmt, precision)
 
-    def __call__(self, messages: list[dict], max_new_tokens: int = 64) -> dict:
-        """Answer a chat of text messages (an assistant message, if any, is left out of the prompt)."""
+    def pixel_values(self, path: str | Path) -> np.ndarray:
+        """Step a: the screenshot resized to the export's fixed size, as the image processor's patches."""
+        from PIL import Image
+
+        with Image.open(path) as screenshot:
+            resized = screenshot.convert("RGB").resize((self.image["width_px"], self.image["height_px"]))
+        out = self.image_processor(images=[resized], return_tensors="np")
+        if list(out["image_grid_thw"][0]) != self.image["grid_thw"]:
+            raise ValueError(f"{path}: patch grid {list(out['image_grid_thw'][0])} != {self.image['grid_thw']}")
+        return np.asarray(out["pixel_values"], dtype=np.float32)
+
+    def encode(self, messages: list[dict], root: Path) -> tuple[list[int], np.ndarray | None]:
+        """Steps 1 and c: prompt token ids (image placeholder expanded) and the screenshot's pixel values."""
+        prompt, images = [], []
+        for message in messages:
+            if message["role"] == "assistant":
+                continue
+            content = message["content"]
+            if isinstance(content, list):
+                if self.image is None:  # a text-only student reads the text parts only
+                    content = [c for c in content if c["type"] == "text"]
+                images += [root / c["image"] for c in content if c["type"] == "image"]
+            prompt.append({"role": message["role"], "content": content})
+        if self.image is not None and len(images) != 1:
+            raise ValueError(f"this export reads exactly one screenshot per prompt, the chat has {len(images)}")
+        text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        if images:
+            text = text.replace("<|image|>", "<|image|>" * self.image["tokens"])
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, self.pixel_values(images[0]) if images else None
+
+    def __call__(self, messages: list[dict], max_new_tokens: int = 64, root: str | Path = ".") -> dict:
+        """Answer a chat (an assistant message, if any, is left out of the prompt); image paths are under ``root``."""
         from autoglm_distill.actions import try_parse
 
-        prompt = [m for m in messages if m["role"] != "assistant"]
-        ids = self.tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-        tokens = generate(self.prefill, self.decode, list(ids), self.manifest["model"], max_new_tokens)
+        ids, pixel_values = self.encode(messages, Path(root))
+        tokens = generate(self.steps, ids, self.manifest["model"], max_new_tokens, pixel_values)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return {
             "format": self.format,
@@ -148,9 +207,11 @@ def run(
     fmt: str = "onnx",
     precision: str = "fp32",
     max_new_tokens: int = 64,
+    image: str | Path | None = None,
 ) -> dict:
-    """Generate an answer for one user message; returns prompt/answer token counts, the text and the action."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    """Generate an answer for one user message (and screenshot); returns token counts, the text and the action."""
+    content = prompt if image is None else [{"type": "image", "image": str(image)}, {"type": "text", "text": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return Runner(folder, fmt, precision)(messages, max_new_tokens)
 
 
@@ -161,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system message ('' for none)")
     parser.add_argument("--format", default="onnx", choices=["onnx", "tflite"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    parser.add_argument("--image", help="the screenshot (image-text exports)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     try:
@@ -171,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             args.format,
             args.precision,
             args.max_new_tokens,
+            args.image,
         )
     except (ExportFolderError, ValueError) as err:
         sys.exit(f"error: {err}")

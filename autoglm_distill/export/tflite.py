@@ -45,7 +45,8 @@ class _NamedOutputs(nn.Module):
         self.names = spec.outputs
 
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.step(*inputs.values()), strict=True))
+        out = self.step(*inputs.values())
+        return dict(zip(self.names, out if isinstance(out, tuple) else (out,), strict=True))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
