@@ -138,6 +138,25 @@ def test_every_format_and_precision_is_written_and_passes(exported):
             assert parity["prefill_max_abs_diff"] > 0  # really quantized, not the fp32 graph again
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_coreml_structural_check_catches_a_weight_that_differs(exported, model, precision):
+    import copy
+
+    out, manifest = exported
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed.model.layers[0].mlp.down_proj.weight.add_(0.05)
+    specs = graph_specs(perturbed, manifest["model"])
+    artifact = next(
+        a
+        for a in manifest["artifacts"]
+        if a["format"] == "coreml" and a["precision"] == precision and a["graphs"] == ["prefill"]
+    )
+    check = coreml.check_structure({"graphs": ["prefill"], "file": out / artifact["file"]}, specs, precision)
+    assert check["io_as_declared"] and check["weights_checked"] > 0
+    assert not check["passed"] and check["worst_weight_error_in_tolerances"] > 1.0
+
+
 def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
     _, manifest = exported
     size = {}

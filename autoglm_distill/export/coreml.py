@@ -229,11 +229,12 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
             missing.append(f"{name} (shape {list(values.shape)} != {list(expected.shape)})")
             continue
         worst = max(worst, float((np.abs(values - expected) / (tolerance + 1e-7)).max()))
-    passed = io_ok and not missing and worst <= 1.0
+    checked = len(parameters) - len(missing) - len(folded)
+    passed = io_ok and not missing and checked > 0 and worst <= 1.0
     return {
         "check": "structural (Core ML predict runs on macOS only)",
         "io_as_declared": io_ok,
-        "weights_checked": len(parameters) - len(missing) - len(folded),
+        "weights_checked": checked,
         "weights_folded_as_identity": len(folded),
         "weights_missing": missing[:10],
         "weights_int8": compressed,
@@ -243,18 +244,17 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
 
 
 def used_parameters(spec: GraphSpec) -> dict[str, torch.Tensor]:
-    """The parameters the graph really uses (a prefill graph holds the whole model, vision tower included), by the
-    names torch.export gives them."""
+    """The parameters the graph really uses (a prefill graph holds the whole model, vision tower included), under the
+    names torch.export gives them, which are the names the converter derives its constants' names from."""
     if not hasattr(spec, "_used_parameters"):
         with torch.no_grad():
             program = torch.export.export(spec.module, tuple(spec.example.values()))
         signature = program.graph_signature
-        names = {
-            signature.inputs_to_parameters[node.name]
+        spec._used_parameters = {
+            signature.inputs_to_parameters[node.name]: program.state_dict[signature.inputs_to_parameters[node.name]]
             for node in program.graph.nodes
             if node.op == "placeholder" and node.name in signature.inputs_to_parameters and node.users
         }
-        spec._used_parameters = {n: p for n, p in spec.module.named_parameters() if n in names}
     return spec._used_parameters
 
 
