@@ -34,6 +34,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names included, in sorted order: an .mlpackage)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def save_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` and move the folder into place only once it is complete.
 

@@ -31,6 +31,7 @@ from autoglm_distill.export import (
 from autoglm_distill.export import run as runner
 from autoglm_distill.export.exporter import chat_prompt_ids, fitting
 from autoglm_distill.models import build_model
+from autoglm_distill.utils import sha256_of
 
 from .conftest import TINY_TEXT
 
@@ -208,7 +209,7 @@ def test_manifest_files_hashes_and_io_spec(exported, model):
     cache = [2, TINY_TEXT["num_key_value_heads"], MAX_CONTEXT, 16]
     for artifact in manifest["artifacts"]:
         path = out / artifact["file"]
-        assert artifact["bytes"] == exporter._bytes(path) and artifact["sha256"] == exporter._sha256(path)
+        assert artifact["bytes"] == exporter._bytes(path) and artifact["sha256"] == sha256_of(path)
         assert artifact["converter"]["torch"] == torch.__version__
         for graph, io in artifact["signatures"].items():
             spec = {v["name"]: v["shape"] for v in io["inputs"] + io["outputs"]}
@@ -262,6 +263,19 @@ def test_reference_runner_errors_name_the_fix(exported, tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "not a finished export folder" in proc.stderr
+
+
+def test_reference_runner_refuses_a_damaged_artifact(exported, tmp_path):
+    import shutil
+
+    out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    path = copy / "onnx" / "decode.fp32.onnx"
+    path.write_bytes(path.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(runner.ExportFolderError, match="decode.fp32.onnx does not match manifest.json"):
+        runner.Runner(copy, "onnx", "fp32")
+    runner.Runner(copy, "tflite", "fp32")  # the untouched artifacts still load
 
 
 def test_failed_check_keeps_the_previous_export_and_leaves_no_temp(model, tokenizer, tmp_path):

@@ -10,7 +10,6 @@ place only when every check passed: a failed or interrupted export never leaves 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from autoglm_distill.export import coreml, onnx, tflite
 from autoglm_distill.export.graphs import GraphSpec, decoder_parts, graph_specs
 from autoglm_distill.export.report import measure_latency, write_report
 from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
-from autoglm_distill.utils import save_dir_atomic
+from autoglm_distill.utils import save_dir_atomic, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +67,6 @@ def settings_from_config(cfg: Mapping[str, Any]) -> ExportSettings:
     if "bars" in values:
         values["bars"] = Bars(**dict(values["bars"]))
     return ExportSettings(**values)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:  # an .mlpackage is a folder: hash its files in a fixed order, names included
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _bytes(path: Path) -> int:
@@ -285,7 +272,7 @@ def export_student(
                             "graphs": record["graphs"],
                             "file": str(path.relative_to(tmp)),
                             "bytes": _bytes(path),
-                            "sha256": _sha256(path),
+                            "sha256": sha256_of(path),
                             "signatures": record["signatures"],
                             "max_context": settings.max_context,
                             "quantization": record["quantization"],

@@ -106,6 +106,12 @@ def _chart(rows: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _ms(latency: Mapping[str, Any], key: str) -> str:
+    if not latency:
+        return "n/a (macOS)"
+    return f"{latency[key]:.2f}" if key in latency else "-"
+
+
 def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
     """``report.md`` (table of size, latency and parity per format and precision) and ``report.png``."""
     rows = _rows(manifest)
@@ -118,18 +124,19 @@ def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
         f"layers, vocabulary {facts['vocab_size']}, max context {facts['max_context']} tokens.",
         f"Parity: {manifest['golden']['prompts']} golden prompts, {manifest['golden']['max_new_tokens']} greedy tokens "
         "each, run in the artifact's own runtime (Core ML: structural, predict is macOS-only).",
-        f"Latency: median of {runs} runs on this machine's CPU (prefill of the first golden prompt; one decode step).",
+        f"Latency: median of {runs} runs on this machine's CPU (vision on the first golden screenshot, prefill of the "
+        "first golden prompt, one decode step).",
         "",
-        "| format | precision | files | MB | vs full precision | prefill ms | decode ms | parity |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| format | precision | files | MB | vs full precision | vision ms | prefill ms | decode ms | parity |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         latency = r["latency"] or {}
-        prefill = f"{latency['prefill_ms_median']:.2f}" if latency else "n/a (macOS)"
-        decode = f"{latency['decode_ms_median']:.2f}" if latency else "n/a (macOS)"
+        ms = {k: _ms(latency, k) for k in ("vision_ms_median", "prefill_ms_median", "decode_ms_median")}
         lines.append(
             f"| {r['format']} | {r['precision']} | {', '.join(r['files'])} | {r['bytes'] / 1e6:.2f} | "
-            f"{r['ratio']:.2f} | {prefill} | {decode} | {_parity_text(r['parity'])} |"
+            f"{r['ratio']:.2f} | {ms['vision_ms_median']} | {ms['prefill_ms_median']} | {ms['decode_ms_median']} | "
+            f"{_parity_text(r['parity'])} |"
         )
     lines += ["", "![size and latency](report.png)", ""]
     (folder / "report.md").write_text("\n".join(lines))

@@ -55,6 +55,22 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_files(folder: Path, manifest: dict, files: set[str]) -> None:
+    """Every file about to be loaded has the size and sha256 the manifest recorded (a copy cut short or altered
+    in transit fails here, naming the file, instead of giving wrong answers)."""
+    from autoglm_distill.utils import sha256_of
+
+    for artifact in manifest["artifacts"]:
+        if artifact["file"] not in files:
+            continue
+        path = folder / artifact["file"]
+        if not path.exists() or sha256_of(path) != artifact["sha256"]:
+            raise ExportFolderError(
+                f"{path} does not match manifest.json (sha256): the file is damaged or was changed; copy the "
+                "export folder again"
+            )
+
+
 def _artifacts(manifest: dict, fmt: str, precision: str) -> dict[str, str]:
     """graph name -> file, for one format and precision."""
     found = {
@@ -72,6 +88,7 @@ def _artifacts(manifest: dict, fmt: str, precision: str) -> dict[str, str]:
 def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> dict[str, Step]:
     """Every graph of one format and precision, each taking and returning ``{name: array}``."""
     files = _artifacts(manifest, fmt, precision)
+    check_files(folder, manifest, set(files.values()))
     if fmt == "onnx":
         import onnxruntime as ort
 
