@@ -366,13 +366,19 @@ def export_stage(cfg: DictConfig, student, tokenizer, encoder: ChatEncoder, root
         source=str(source),
         image_processor=encoder.image_processor,
     )
-    return {
-        "dir": str(cfg.export.dir),
-        "artifacts": [
-            {k: a[k] for k in ("format", "precision", "file", "bytes")} | {"passed": a["parity"]["passed"]}
-            for a in manifest["artifacts"]
-        ],
-    }
+    rows = []
+    for artifact in manifest["artifacts"]:
+        parity, latency = artifact["parity"], artifact["cpu_latency_ms"] or {}
+        rows.append(
+            {k: artifact[k] for k in ("format", "precision", "file", "bytes")}
+            | {
+                "passed": parity["passed"],
+                "top1_agreement": parity.get("top1_agreement"),
+                "prefill_ms": latency.get("prefill_ms_median"),
+                "decode_ms": latency.get("decode_ms_median"),
+            }
+        )
+    return {"dir": str(cfg.export.dir), "artifacts": rows}
 
 
 def finish_wandb(summary: dict) -> None:
@@ -404,6 +410,13 @@ def finish_wandb(summary: dict) -> None:
             if isinstance(m, dict)
         ]
         wandb.log({"eval/table": wandb.Table(columns=columns, data=rows)})
+    export = summary.get("export")
+    if export:
+        columns = list(export["artifacts"][0])
+        wandb.log({"export/table": wandb.Table(columns=columns, data=[list(a.values()) for a in export["artifacts"]])})
+        chart = Path(export["dir"]) / "report.png"
+        if chart.is_file():
+            wandb.log({"export/report": wandb.Image(str(chart))})
     wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
 
 

@@ -104,6 +104,10 @@ def test_smoke_run_exports_its_image_text_student(tmp_path):
     assert manifest["model"]["architecture"] == "glm4v" and manifest["model"]["image"]["tokens"] > 0
     graphs = {g for a in manifest["artifacts"] for g in a["graphs"]}
     assert graphs == {"vision", "prefill", "decode"} and all(a["parity"]["passed"] for a in manifest["artifacts"])
+    # The export table and chart reach the W&B run too.
+    media = tmp_path / "wandb"
+    assert list(media.glob("offline-run-*/files/media/table/export/table_*.table.json"))
+    assert list(media.glob("offline-run-*/files/media/images/export/report_*.png"))
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_path):
