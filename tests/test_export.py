@@ -163,8 +163,8 @@ def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
     size = {}
     for a in manifest["artifacts"]:
         size[(a["format"], a["precision"])] = size.get((a["format"], a["precision"]), 0) + a["bytes"]
-    # On a student this tiny the fixed constants (rotary tables, the C x C causal mask the converters fold) are a
-    # large part of each file; the 4x of the weights is checked on a wider student below.
+    # On a student this tiny fixed constants (rotary tables, graph structure) are a large part of each file; the 4x
+    # of the weights is checked on a wider student below.
     for fmt, full in (("onnx", "fp32"), ("tflite", "fp32"), ("coreml", "fp16")):
         assert size[(fmt, "int8")] < 0.9 * size[(fmt, full)], fmt
     onnx_int8 = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == "int8"]

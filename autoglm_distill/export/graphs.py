@@ -150,11 +150,18 @@ class _Glm4Graph(nn.Module):
             hidden = residual + layer.post_mlp_layernorm(x)
         return hidden, torch.stack(ks), torch.stack(vs)
 
+    def _prompt_mask(self, length: torch.Tensor) -> torch.Tensor:
+        """The causal [1, 1, C, C] mask of a prompt. The query positions are shifted by min(length, 0), which is 0
+        for any real prompt but unknown to the converters: with constant positions they fold the mask into a C x C
+        constant stored in the file (1 MB at C = 512 in fp32), which dominates a small student's int8 artifact."""
+        return self._mask(self.key_positions + torch.clamp(length.long(), max=0))
+
     def _mask(self, query_positions: torch.Tensor) -> torch.Tensor:
         """[1, 1, S, C] additive mask: key j is visible to a query at position p iff j <= p."""
-        allowed = self.key_positions[None, :] <= query_positions[:, None]
-        zero = torch.zeros((), dtype=torch.float32)
-        return torch.where(allowed, zero, torch.full((), MASK_VALUE, dtype=torch.float32))[None, None]
+        hidden = self.key_positions[None, :] > query_positions[:, None]
+        # Arithmetic rather than where(allowed, 0, MASK_VALUE): Core ML broadcasts where's scalars to two S x C
+        # constants and stores them.
+        return (hidden.to(torch.float32) * MASK_VALUE)[None, None]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.text.norm(hidden))[:, 0, :]
@@ -167,7 +174,7 @@ class PrefillGraph(_Glm4Graph):
         positions = self.key_positions
         hidden = self.text.embed_tokens(input_ids.long())
         rotary = positions[None].expand(3 if self.multimodal_rope else 1, -1)
-        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._mask(positions), _whole_prompt)
+        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._prompt_mask(length), _whole_prompt)
         return self._last_logits(hidden, length), k_cache, v_cache
 
     def _last_logits(self, hidden: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -235,7 +242,7 @@ class Glm4vPrefillGraph(PrefillGraph):
         )
         embeds = self.text.embed_tokens(input_ids.long())[0]
         hidden = torch.where(in_image[:, None], image_embeds.index_select(0, j).to(embeds.dtype), embeds)[None]
-        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._mask(index), _whole_prompt)
+        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._prompt_mask(length), _whole_prompt)
         return self._last_logits(hidden, length), k_cache, v_cache
 
 
