@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from autoglm_distill.export import (
     tflite,
 )
 from autoglm_distill.export import run as runner
-from autoglm_distill.export.exporter import chat_prompt_ids, fitting
+from autoglm_distill.export.exporter import fitting
 from autoglm_distill.models import build_model
 from autoglm_distill.utils import sha256_of
 
@@ -56,7 +57,7 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return chat_prompt_ids(tokenizer, sample_chats(3, seed=1))
+    return [_prompt_ids(tokenizer, chat) for chat in sample_chats(3, seed=1)]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,13 @@ def exported(model, tokenizer, tmp_path_factory):
 
 
 FACTS = {"max_context": MAX_CONTEXT, "pad_token_id": 0}
+
+
+def _prompt_ids(tokenizer, chat):
+    """A text chat's prompt as training encodes it (the answer left out)."""
+    from autoglm_distill.data.phone import ChatEncoder
+
+    return ChatEncoder(tokenizer, None, max_length=1 << 30).encode_prompt(chat, Path("."))[0]
 
 
 def _graphs(model, context=MAX_CONTEXT):
@@ -245,7 +253,7 @@ def test_reference_runner_generates_what_pytorch_generates(exported, model, toke
     out, _ = exported
     chat = sample_chats(1, seed=7)[0]
     result = runner.run(out, chat[1]["content"], chat[0]["content"], fmt, "fp32", max_new_tokens=NEW_TOKENS)
-    prompt = chat_prompt_ids(tokenizer, [chat[:2]])[0]
+    prompt = _prompt_ids(tokenizer, chat)
     expected = _greedy(model, prompt, NEW_TOKENS, [model.generation_config.eos_token_id])
     assert result["prompt_tokens"] == len(prompt) and result["tokens"] == expected
 

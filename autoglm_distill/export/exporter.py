@@ -55,8 +55,8 @@ class ExportSettings:
             raise ValueError(
                 f"export.max_context={self.max_context} must exceed export.max_new_tokens={self.max_new_tokens}"
             )
-        if isinstance(self.bars, Mapping):
-            self.bars = Bars(**self.bars)
+        if isinstance(self.bars, Mapping):  # from a config (DictConfig) or JSON
+            self.bars = Bars(**dict(self.bars))
 
 
 def settings_from_config(cfg: Mapping[str, Any]) -> ExportSettings:
@@ -64,8 +64,6 @@ def settings_from_config(cfg: Mapping[str, Any]) -> ExportSettings:
     names = {f.name for f in fields(ExportSettings)}
     values = {k: v for k, v in cfg.items() if k in names}
     values["formats"] = tuple(values.get("formats", ExportSettings.formats))
-    if "bars" in values:
-        values["bars"] = Bars(**dict(values["bars"]))
     return ExportSettings(**values)
 
 
@@ -111,18 +109,6 @@ def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | 
             "rope_delta": max(merged) - tokens,
         }
     return facts
-
-
-def chat_prompt_ids(tokenizer, chats: Sequence[Sequence[Mapping]]) -> list[list[int]]:
-    """Token ids of each chat's prompt: every message but the assistant's, rendered with the chat template and
-    ending in the generation prompt (text-only content)."""
-    out = []
-    for messages in chats:
-        prompt = [m for m in messages if m["role"] != "assistant"]
-        out.append(
-            list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
-        )
-    return out
 
 
 def data_goldens(root: Path, encoder, limit: int = 64) -> list[Golden]:
@@ -177,11 +163,12 @@ def _runtime(fmt: str, records: Sequence[Mapping], specs: Mapping[str, GraphSpec
     return {g: BACKENDS[fmt].load(find(g), g, spec.inputs, spec.outputs) for g, spec in specs.items()}
 
 
-def _check(fmt: str, precision: str, records, specs, refs, facts, bars: Bars) -> dict:
+def _check(fmt: str, precision: str, records, specs, graphs, refs, facts, bars: Bars) -> dict:
+    """Core ML: structural checks of each package; ONNX/TFLite: parity of the loaded ``graphs`` against ``refs``."""
     if fmt == "coreml":
         checks = {r["graphs"][0]: coreml.check_structure(r, specs, precision) for r in records}
         return {"kind": "structural", **checks, "passed": all(c["passed"] for c in checks.values())}
-    figures = compare(_runtime(fmt, records, specs), refs, facts)
+    figures = compare(graphs, refs, facts)
     return {
         "kind": "runtime",
         "runtime": "onnxruntime CPU EP" if fmt == "onnx" else "ai_edge_litert Interpreter",
@@ -215,6 +202,7 @@ def export_student(
     Raises:
         ExportVerificationError: an artifact failed its check; ``report`` holds every figure.
     """
+    from autoglm_distill.data.phone import ChatEncoder
     from autoglm_distill.data.synth import sample_chats
 
     settings = settings or ExportSettings()
@@ -225,7 +213,8 @@ def export_student(
             raise ValueError(
                 "an image-text student is checked on prompts with screenshots: pass data_path=<folder with val.jsonl>"
             )
-        golden = chat_prompt_ids(tokenizer, sample_chats(settings.golden_prompts, seed=0))
+        encoder = ChatEncoder(tokenizer, None, max_length=1 << 30)
+        golden = [Golden(encoder.encode_prompt(chat, Path("."))[0]) for chat in sample_chats(settings.golden_prompts)]
     goldens = fitting([g if isinstance(g, Golden) else Golden(list(g)) for g in golden], settings)
     facts = model_facts(model, tokenizer, settings.max_context, goldens[0])
     log.info(
@@ -253,7 +242,8 @@ def export_student(
                 start = time.perf_counter()
                 log.info("export: %s %s: converting", fmt, precision)
                 records = backend.write(specs, folder, precision, facts)
-                parity = _check(fmt, precision, records, specs, refs, facts, settings.bars)
+                graphs = None if fmt == "coreml" else _runtime(fmt, records, specs)  # Core ML runs on macOS only
+                parity = _check(fmt, precision, records, specs, graphs, refs, facts, settings.bars)
                 seconds = time.perf_counter() - start
                 log.info(
                     "export: %s %s: %s in %.1f s", fmt, precision, "passed" if parity["passed"] else "FAILED", seconds
@@ -261,8 +251,8 @@ def export_student(
                 if not parity["passed"]:
                     failures.append(f"{fmt} {precision}: {json.dumps(parity)}")
                 latency = None
-                if fmt != "coreml":
-                    latency = measure_latency(_runtime(fmt, records, specs), goldens[0], facts, settings.latency_runs)
+                if graphs is not None:
+                    latency = measure_latency(graphs, goldens[0], facts, settings.latency_runs)
                 for record in records:
                     path = Path(record["file"])
                     artifacts.append(
