@@ -76,6 +76,26 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             f"student.arch={cfg.student.arch!r}: use glm4v or glm4, or load one with student.path=<folder>."
         )
+    if cfg.student.init not in ("random", "pruned_teacher"):
+        problems.append(f"student.init={cfg.student.init!r}: use random or pruned_teacher.")
+    if cfg.student.init == "pruned_teacher" and cfg.student.path is not None:
+        problems.append(
+            "student.init=pruned_teacher builds the student from the teacher, but student.path is set too: "
+            "drop student.path (student=<preset>) or use student.init=random."
+        )
+    callbacks = set(cfg.get("callbacks") or {})
+    if "sparsity" in callbacks and callbacks & {"prune_structured", "qat"}:
+        problems.append(
+            "callbacks: sparsity does not combine with prune_structured or qat yet (its masks live on the layers "
+            "those callbacks replace): choose callbacks=[default,sparsity] alone, or drop sparsity."
+        )
+    if {"prune_structured", "qat"} <= callbacks:
+        last_prune, qat_start = max(cfg.callbacks.prune_structured.schedule), cfg.callbacks.qat.start_fraction
+        if last_prune >= qat_start:
+            problems.append(
+                f"callbacks.prune_structured.schedule ends at {last_prune} but callbacks.qat.start_fraction is "
+                f"{qat_start}: prune before QAT starts (e.g. schedule=[0.2,0.4] with start_fraction=0.7)."
+            )
     if cfg.data.on_bad_example not in ("fail", "skip"):
         problems.append(f"data.on_bad_example={cfg.data.on_bad_example!r}: use fail or skip.")
     generate = cfg.data.get("generate")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,14 @@ from rich.table import Table
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
+from autoglm_distill.compress.structured import SHAPE_KEYS, Shape, head_dim_of, prune_to, text_config
 from autoglm_distill.data import synth
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts
 from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
 from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import (
+    ModelLoadError,
     build_model,
     check_compatible,
     count_parameters,
@@ -73,10 +76,23 @@ def start_loggers(cfg: DictConfig, prefix: str = "") -> list:
     return [instantiate(lg, prefix=prefix) for lg in (cfg.logger or {}).values()]
 
 
+def stage_callbacks(cfg: DictConfig, stage: str) -> dict[str, DictConfig]:
+    """The callback configs that apply to ``stage``: a callback with a ``stages`` list (the compression callbacks:
+    distill only) is left out of the other stages; the key itself is not passed to the callback."""
+    chosen = {}
+    for name, cb_cfg in (cfg.callbacks or {}).items():
+        if "stages" in cb_cfg and stage not in cb_cfg.stages:
+            continue
+        resolved = OmegaConf.to_container(cb_cfg, resolve=True)
+        resolved.pop("stages", None)
+        chosen[name] = OmegaConf.create(resolved)
+    return chosen
+
+
 def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> pl.Trainer:
     """A Trainer for one stage: its own checkpoint folder, its metrics prefixed in the loggers."""
     callbacks = []
-    for name, cb_cfg in (cfg.callbacks or {}).items():
+    for name, cb_cfg in stage_callbacks(cfg, stage).items():
         overrides = {"dirpath": str(Path(cb_cfg.dirpath) / stage)} if "dirpath" in cb_cfg else {}
         callbacks.append(instantiate(cb_cfg, **overrides))
         log.info("Instantiating callback %s <%s> for %s", name, cb_cfg._target_, stage)
@@ -87,6 +103,16 @@ def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> p
     if not callbacks:
         overrides["enable_checkpointing"] = False
     return instantiate(cfg.trainer, **overrides)
+
+
+def data_module(cfg: DictConfig, root: Path, tokenizer, image_processor) -> PhoneDataModule:
+    """The tokenized splits (with screenshots when ``image_processor`` is given), set up."""
+    encoder = ChatEncoder(tokenizer, image_processor, cfg.data.max_length)
+    datamodule = PhoneDataModule(
+        root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
+    )
+    datamodule.setup()
+    return datamodule
 
 
 def fit(
@@ -100,8 +126,9 @@ def fit(
     lr: float | None = None,
     warmup: int | None = None,
     ckpt_path: str | None = None,
-) -> dict:
-    """Train ``student`` (against ``teacher`` when given) for one stage; returns the stage's final metrics."""
+) -> tuple[dict, Any]:
+    """Train ``student`` (against ``teacher`` when given) for one stage; returns the stage's final metrics and the
+    trained student (a new object when a callback pruned it to smaller tensors)."""
     optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
     scheduler = instantiate(cfg.scheduler, **({"num_warmup_steps": warmup} if warmup is not None else {}))
     module = DistillModule(student=student, teacher=teacher, loss=loss, optimizer=optimizer, scheduler=scheduler)
@@ -110,7 +137,7 @@ def fit(
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(steps=trainer.global_step, seconds=round(time.perf_counter() - started, 1))
-    return metrics
+    return metrics, module.student
 
 
 def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -208,14 +235,15 @@ def run(cfg: DictConfig) -> dict:
 
         # 3. student (seeded here and again for the baseline: both start from the same weights)
         pl.seed_everything(cfg.seed, workers=True)
-        student = build_student(cfg, tokenizer)
+        # init=pruned_teacher scores the teacher on training batches encoded for the teacher
+        calibration = (
+            data_module(cfg, root, tokenizer, image_processor) if cfg.student.init == "pruned_teacher" else None
+        )
+        student = build_student(cfg, tokenizer, teacher, calibration)
         check_compatible(teacher, student, len(tokenizer))
         use_images = is_image_text(teacher) and is_image_text(student)
-        encoder = ChatEncoder(tokenizer, image_processor if use_images else None, cfg.data.max_length)
-        datamodule = PhoneDataModule(
-            root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
-        )
-        datamodule.setup()
+        datamodule = data_module(cfg, root, tokenizer, image_processor if use_images else None)
+        encoder = datamodule.encoder
         summary["data"] = {
             "path": str(root),
             "images": use_images,
@@ -233,7 +261,7 @@ def run(cfg: DictConfig) -> dict:
         # 4. distill
         log.info("Instantiating loss <%s>", cfg.distill.loss.kind)
         loss = instantiate(cfg.distill.loss)
-        summary["stages"]["distill"] = fit(
+        summary["stages"]["distill"], student = fit(
             cfg,
             "distill",
             student,
@@ -244,14 +272,14 @@ def run(cfg: DictConfig) -> dict:
         )
         save_model(out_dir / "student", student, tokenizer, image_processor)
         log.info("Saved the distilled student to %s", out_dir / "student")
-        models = {"teacher": teacher, "student": student}
+        models = {"teacher": teacher, "student": student} if cfg.eval.teacher else {"student": student}
 
         # 5. baseline: same student architecture and seed, hard labels only
         if cfg.baseline:
             pl.seed_everything(cfg.seed, workers=True)
-            baseline = build_student(cfg, tokenizer)
+            baseline = build_student(cfg, tokenizer, teacher, calibration)
             hard = DistillationLoss(kind=loss.kind, temperature=loss.temperature, alpha=0.0)
-            summary["stages"]["baseline"] = fit(cfg, "baseline", baseline, datamodule, hard)
+            summary["stages"]["baseline"], baseline = fit(cfg, "baseline", baseline, datamodule, hard)
             save_model(out_dir / "baseline", baseline, tokenizer, image_processor)
             models["baseline"] = baseline
 
@@ -289,7 +317,7 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
         root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
     )
     hard = DistillationLoss(alpha=0.0)
-    metrics = fit(
+    metrics, model = fit(
         cfg,
         "teacher_pretrain",
         model,
@@ -303,13 +331,49 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
     return metrics
 
 
-def build_student(cfg: DictConfig, tokenizer):
+def build_student(cfg: DictConfig, tokenizer, teacher=None, datamodule: PhoneDataModule | None = None):
+    """The student: loaded (student.path), a fresh preset, or (student.init=pruned_teacher) a copy of the teacher
+    pruned to the preset's shape, its heads, channels and layers chosen on calibration batches."""
     s = cfg.student
     if s.path is not None:
         log.info("Instantiating student from %s", s.path)
         return load_pretrained(s.path, "auto", s.dtype, s.trust_remote_code, role="student")
+    if s.init == "pruned_teacher":
+        target = student_shape(s, teacher)
+        log.info("Instantiating student by pruning the teacher to %s", target)
+        batches = itertools.islice(datamodule.train_dataloader(), s.calibration_batches)
+        return prune_to(teacher, target, batches).requires_grad_(True).train().to(resolve_dtype(s.dtype))
     log.info("Instantiating student <%s> from preset", s.arch)
     return build_model(s.arch, OmegaConf.to_container(s.config), tokenizer).to(resolve_dtype(s.dtype))
+
+
+def student_shape(s: DictConfig, teacher) -> Shape:
+    """The shape student.init=pruned_teacher prunes the teacher to: the student preset's text dimensions."""
+    preset = OmegaConf.to_container(s.config)
+    text = preset.get("text_config", preset)
+    teacher_arch = "glm4v" if is_image_text(teacher) else "glm4"
+    problems = [
+        f"student.config{'.text_config' if s.arch == 'glm4v' else ''} lacks {k}" for k in SHAPE_KEYS if k not in text
+    ]
+    if s.arch != teacher_arch:
+        problems.append(
+            f"student.arch={s.arch} but the teacher is {teacher_arch}: pruning keeps the teacher's architecture"
+        )
+    if "head_dim" in text and text["head_dim"] != head_dim_of(text_config(teacher)):
+        problems.append(
+            f"student head_dim={text['head_dim']} but the teacher's is {head_dim_of(text_config(teacher))}: "
+            "pruning keeps head_dim, so set the student's to the teacher's"
+        )
+    if problems:
+        raise ModelLoadError(
+            "student.init=pruned_teacher cannot prune this teacher to the student preset: "
+            + "; ".join(problems)
+            + ". Or use student.init=random."
+        )
+    ignored = sorted(set(text) - set(SHAPE_KEYS) - {"head_dim"}) + sorted(set(preset) - {"text_config"} - set(text))
+    if ignored:
+        log.warning("student.init=pruned_teacher keeps the teacher's values of %s (set in student.config)", ignored)
+    return Shape(**{k: int(text[k]) for k in SHAPE_KEYS})
 
 
 def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) -> dict:

@@ -100,6 +100,7 @@ def _quantize_int8(src: Path, dst: Path, vocab_size: int) -> dict:
         str(src),
         str(dst),
         weight_type=QuantType.QInt8,
+        per_channel=True,
         op_types_to_quantize=list(INT8_OP_TYPES),
         nodes_to_exclude=exclude,
     )
@@ -110,7 +111,7 @@ def _quantize_int8(src: Path, dst: Path, vocab_size: int) -> dict:
         quant_inits[n.input[0]] for n in quant.graph.node if n.op_type == "Gather" and n.input[0] in quant_inits
     ]
     return {
-        "recipe": "onnxruntime quantize_dynamic, QInt8 weights per tensor, dynamic uint8 activations",
+        "recipe": "onnxruntime quantize_dynamic, QInt8 weights per output channel, dynamic uint8 activations",
         "op_types": list(INT8_OP_TYPES),
         "quantized_matmuls": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in quant.graph.node),
         # Dynamic quantization stores a Gather's table with the activation type (uint8, per tensor).
