@@ -83,7 +83,7 @@ def validate(cfg: DictConfig) -> None:
             "student.init=pruned_teacher builds the student from the teacher, but student.path is set too: "
             "drop student.path (student=<preset>) or use student.init=random."
         )
-    callbacks = set(cfg.get("callbacks") or {})
+    callbacks = {name for name, cb in (cfg.get("callbacks") or {}).items() if "_target_" in cb}  # selected ones
     if "sparsity" in callbacks and callbacks & {"prune_structured", "qat"}:
         problems.append(
             "callbacks: sparsity does not combine with prune_structured or qat yet (its masks live on the layers "

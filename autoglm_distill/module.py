@@ -100,9 +100,22 @@ class DistillModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = [k for k in self.student.state_dict() if f"student.{k}" not in checkpoint["state_dict"]]
+        state = checkpoint["state_dict"]
+        missing = [k for k in self.student.state_dict() if f"student.{k}" not in state]
         if missing:
             raise RuntimeError(
                 f"The checkpoint does not fit this student ({len(missing)} tensors missing, e.g. {missing[0]}): "
                 "resume with the same student config it was trained with."
+            )
+        resized = [
+            f"{k} {tuple(state[f'student.{k}'].shape)} vs {tuple(v.shape)}"
+            for k, v in self.student.state_dict().items()
+            if state[f"student.{k}"].shape != v.shape
+        ]
+        if resized:
+            raise RuntimeError(
+                f"The checkpoint's student has other tensor shapes than this one (e.g. {resized[0]}): it was pruned "
+                "by callbacks.prune_structured after the run started, and resuming across structured pruning is not "
+                "supported. Rerun without ckpt_path, or continue from the saved student with student=pretrained "
+                "student.path=<run dir>/student."
             )

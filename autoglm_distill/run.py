@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,13 @@ from rich.table import Table
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
+from autoglm_distill.compress.qat import qat_record
 from autoglm_distill.compress.structured import SHAPE_KEYS, Shape, head_dim_of, prune_to, text_config
 from autoglm_distill.data import synth
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, corpus_texts
 from autoglm_distill.evaluate import generate_answers, score_answers, teacher_forced
 from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
+from autoglm_distill.export.storage import weight_sparsity
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import (
     ModelLoadError,
@@ -81,6 +84,9 @@ def stage_callbacks(cfg: DictConfig, stage: str) -> dict[str, DictConfig]:
     distill only) is left out of the other stages; the key itself is not passed to the callback."""
     chosen = {}
     for name, cb_cfg in (cfg.callbacks or {}).items():
+        if "_target_" not in cb_cfg:  # a recipe's settings for a callback that callbacks=[...] did not select
+            log.info("callbacks.%s is not selected in callbacks=[...]: its settings are ignored", name)
+            continue
         if "stages" in cb_cfg and stage not in cb_cfg.stages:
             continue
         resolved = OmegaConf.to_container(cb_cfg, resolve=True)
@@ -272,6 +278,7 @@ def run(cfg: DictConfig) -> dict:
         )
         save_model(out_dir / "student", student, tokenizer, image_processor)
         log.info("Saved the distilled student to %s", out_dir / "student")
+        summary["student"] = student_record(cfg, student)
         models = {"teacher": teacher, "student": student} if cfg.eval.teacher else {"student": student}
 
         # 5. baseline: same student architecture and seed, hard labels only
@@ -374,6 +381,16 @@ def student_shape(s: DictConfig, teacher) -> Shape:
     if ignored:
         log.warning("student.init=pruned_teacher keeps the teacher's values of %s (set in student.config)", ignored)
     return Shape(**{k: int(text[k]) for k in SHAPE_KEYS})
+
+
+def student_record(cfg: DictConfig, student) -> dict:
+    """What the distilled student became: size, shape, how it started, and the compression it carries."""
+    record = {"params": count_parameters(student), "init": cfg.student.init if cfg.student.path is None else "loaded"}
+    if hasattr(student.model, "layers") or hasattr(student.model, "language_model"):
+        record["shape"] = asdict(Shape.of(student))
+    record["qat"] = qat_record(student)
+    record["weight_sparsity"] = weight_sparsity(student)
+    return record
 
 
 def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) -> dict:

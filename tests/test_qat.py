@@ -1,4 +1,4 @@
-"""QAT: fake-quant layers exist exactly while QAT runs, convert removes them, and the int8 files hold the trained weights."""
+"""QAT: fake-quant layers exist only while QAT runs, convert removes them, int8 files hold the trained weights."""
 
 from __future__ import annotations
 

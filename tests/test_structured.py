@@ -204,3 +204,18 @@ def test_callback_prunes_mid_training_keeps_optimizer_state_and_training_goes_on
         assert int(optimizer.state[p]["step"]) == 8
     assert trainer.callback_metrics["prune/hidden_size"] == 32
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_resuming_a_pruned_checkpoint_into_the_unpruned_student_names_the_fix(tokenizer):
+    def module(**overrides):
+        torch.manual_seed(0)
+        return DistillModule(
+            student=build_model("glm4", {**WIDE, **overrides}, tokenizer),
+            loss=DistillationLoss(alpha=0.0),
+            optimizer=partial(torch.optim.AdamW, lr=1e-2),
+        )
+
+    pruned = module(intermediate_size=48)
+    checkpoint = {"state_dict": {f"student.{k}": v for k, v in pruned.student.state_dict().items()}}
+    with pytest.raises(RuntimeError, match="resuming across structured pruning is not supported"):
+        module().on_load_checkpoint(checkpoint)

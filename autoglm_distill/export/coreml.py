@@ -10,6 +10,10 @@ Core ML cannot execute on Linux (``predict`` is macOS-only), so ``check_structur
 here: the package loads (``skip_model_load=True``), has the declared inputs/outputs, every weight is present in the
 declared precision, and the weight values equal the student's within fp16 (or int8 step) rounding. ``predict_parity``
 runs the real thing on macOS.
+
+A sparse student (``export/storage.py``) has its sparse parameters stored as a bit mask plus the non-zero values
+(``coremltools.optimize.coreml.prune_weights``, ``constexpr_sparse_to_dense``); int8 quantizes those non-zero values
+(joint sparse + int8 compression, ``constexpr_sparse_blockwise_shift_scale``). The structural check decodes both.
 """
 
 from __future__ import annotations
@@ -24,10 +28,16 @@ import numpy as np
 import torch
 
 from autoglm_distill.export.graphs import GraphSpec
+from autoglm_distill.export.storage import MIN_ZERO_FRACTION, weight_storage
 
 FORMAT = "coreml"
 PRECISIONS = ("fp16", "int8")
 INT8_RECIPE = "coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int8, per_channel)"
+SPARSE_RECIPE = "coremltools.optimize.coreml.prune_weights(OpThresholdPrunerConfig(threshold=1e-12))"
+SPARSE_RECIPES = {
+    "fp16": SPARSE_RECIPE + ": fp16 non-zero values",
+    "int8": SPARSE_RECIPE + ", then linear_quantize_weights(joint_compression=True): int8 non-zero values",
+}
 FP16_RTOL = 2.0**-10  # fp16 has an 11-bit significand: rounding is within 2^-11 relative
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,8 @@ def _const_name(parameter: str) -> str:
 def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Every weight constant of an mlprogram package, read from its spec and weight blob: ``{op name: (values,
     None)}`` for plain constants and ``{op name: (int8 data, scale)}`` for ``constexpr_blockwise_shift_scale``.
+    A ``constexpr_sparse_to_dense`` weight (name ``..._sparsified``) comes back dense, zeros filled in: fp16 values,
+    or int8 data and scale when its non-zero values are quantized (``constexpr_sparse_blockwise_shift_scale``).
 
     (``coremltools.optimize.coreml.get_weights_metadata`` is not used: within one process it returned dequantized
     constants for a package it had read before.)"""
@@ -57,7 +69,12 @@ def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     model = ct.models.MLModel(str(path), skip_model_load=True)
     function = model.get_spec().mlProgram.functions["main"]
     reader = _BlobStorageReader(str(Path(model.weights_dir) / "weight.bin"))
-    readers = {"float16": "read_fp16_data", "float32": "read_float_data", "int8": "read_int8_data"}
+    readers = {
+        "float16": "read_fp16_data",
+        "float32": "read_float_data",
+        "int8": "read_int8_data",
+        "uint1": "read_uint1_data",
+    }
 
     def value(proto) -> np.ndarray | None:
         if not proto.HasField("blobFileValue"):
@@ -68,7 +85,14 @@ def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
             return None
         data = np.asarray(getattr(reader, readers[dtype])(proto.blobFileValue.offset))
         data = data.view(np.float16) if dtype == "float16" else data
-        return data.reshape([d.constant.size for d in tensor.dimensions])
+        shape = [d.constant.size for d in tensor.dimensions]
+        return data[: int(np.prod(shape))].reshape(shape)  # uint1 is read as one byte per bit, padded to whole bytes
+
+    produced = {}  # outputs of sparse quantized constants, by name, for the constexpr_sparse_to_dense that reads them
+
+    def argument(op, key: str):
+        binding = op.inputs[key].arguments[0]
+        return produced.get(binding.name) if binding.name else value(binding.value)
 
     out = {}
     for op in function.block_specializations[function.opset].operations:
@@ -82,6 +106,18 @@ def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
             scale = value(op.inputs["scale"].arguments[0].value)
             if data is not None and scale is not None:
                 out[name] = (data, scale)
+        elif op.type == "constexpr_sparse_blockwise_shift_scale" and "offset" not in op.inputs:
+            data, scale = argument(op, "nonzero_data"), argument(op, "scale")
+            produced[op.outputs[0].name] = argument(op, "data_mask")
+            produced[op.outputs[1].name] = None if data is None or scale is None else (data, scale)
+        elif op.type == "constexpr_sparse_to_dense":
+            mask, nonzero = argument(op, "mask"), argument(op, "nonzero_data")
+            if mask is None or nonzero is None:
+                continue
+            data, scale = nonzero if isinstance(nonzero, tuple) else (nonzero, None)
+            dense = np.zeros(mask.shape, dtype=data.dtype)
+            dense[mask != 0] = data
+            out[name] = (dense, scale)
     return out
 
 
@@ -104,7 +140,33 @@ def _convert(spec: GraphSpec):
     )
 
 
-def _quantize_int8(model):
+def _sparsify(model):
+    """Store every parameter with at least ``MIN_ZERO_FRACTION`` exact zeros sparse. The threshold is below the
+    smallest fp16 magnitude, so exactly the zeros leave the stored values."""
+    import coremltools.optimize as cto
+
+    pruner = cto.coreml.OpThresholdPrunerConfig(
+        threshold=1e-12, minimum_sparsity_percentile=MIN_ZERO_FRACTION, weight_threshold=1
+    )
+    names = [
+        name
+        for name, (values, _) in package_weights(model.package_path).items()
+        if name.startswith("p_") and np.mean(values == 0) >= MIN_ZERO_FRACTION
+    ]
+    return cto.coreml.prune_weights(model, cto.coreml.OptimizationConfig(op_name_configs={n: pruner for n in names}))
+
+
+def _sparse_weights(path) -> int:
+    """How many weights the package stores sparse."""
+    import coremltools as ct
+
+    function = ct.models.MLModel(str(path), skip_model_load=True).get_spec().mlProgram.functions["main"]
+    operations = function.block_specializations[function.opset].operations
+    return sum(op.type == "constexpr_sparse_to_dense" for op in operations)
+
+
+def _quantize_int8(model, sparse: bool = False):
+    """int8 per output channel; ``sparse``: a sparse weight's non-zero values are quantized and stay sparse."""
     import coremltools.optimize as cto
 
     weight = cto.coreml.OpLinearQuantizerConfig(
@@ -114,7 +176,7 @@ def _quantize_int8(model):
     config = cto.coreml.OptimizationConfig(op_name_configs={name: weight for name in names})
     # An all-zero row (the padding token's embedding) has scale 0: numpy warns on 0/0, the row dequantizes to 0.
     with np.errstate(invalid="ignore", divide="ignore"):
-        return cto.coreml.linear_quantize_weights(model, config)
+        return cto.coreml.linear_quantize_weights(model, config, joint_compression=sparse)
 
 
 def _set_metadata(model, facts: Mapping[str, Any]) -> None:
@@ -156,6 +218,7 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
     import coremltools as ct
 
     _quiet_converter()
+    sparse = bool((facts.get("weight_sparsity") or {}).get("pattern"))
     records = []
     quantization = (
         None
@@ -165,9 +228,10 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
     for name, spec in specs.items():
         path = folder / f"{name}.{precision}.mlpackage"
         if precision == "fp16":
-            model = _convert(spec)
+            model = _sparsify(_convert(spec)) if sparse else _convert(spec)
         else:
-            model = _quantize_int8(ct.models.MLModel(str(folder / f"{name}.fp16.mlpackage"), skip_model_load=True))
+            fp16 = ct.models.MLModel(str(folder / f"{name}.fp16.mlpackage"), skip_model_load=True)
+            model = _quantize_int8(fp16, sparse)
         _set_metadata(
             model,
             {
@@ -181,7 +245,13 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
         )
         model.save(str(path))
         records.append(
-            {"graphs": [name], "file": path, "quantization": quantization, "signatures": {name: signature(path)}}
+            {
+                "graphs": [name],
+                "file": path,
+                "quantization": quantization,
+                "signatures": {name: signature(path)},
+                "weight_storage": weight_storage(facts, _sparse_weights(path), SPARSE_RECIPES[precision]),
+            }
         )
     return records
 
@@ -199,10 +269,14 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
 
     consts = package_weights(record["file"])
     parameters = used_parameters(spec)
-    missing, folded, worst, compressed = [], [], 0.0, 0
+    missing, folded, worst, compressed, sparse = [], [], 0.0, 0, 0
     for name, parameter in parameters.items():
         expected = parameter.detach().float().numpy()
         plain, packed = consts.get(_const_name(name)), consts.get(_const_name(name) + "_quantized")
+        stored_sparse = consts.get(_const_name(name) + "_sparsified")
+        if stored_sparse is not None:
+            sparse += 1
+            plain, packed = (stored_sparse, None) if stored_sparse[1] is None else (None, stored_sparse)
         if (
             plain is None
             and packed is None
@@ -238,6 +312,7 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
         "weights_folded_as_identity": len(folded),
         "weights_missing": missing[:10],
         "weights_int8": compressed,
+        "weights_sparse": sparse,
         "worst_weight_error_in_tolerances": worst,
         "passed": bool(passed),
     }

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoglm_distill.compress.qat import qat_record
 from autoglm_distill.export import coreml, onnx, tflite
 from autoglm_distill.export.graphs import GraphSpec, decoder_parts, graph_specs
 from autoglm_distill.export.report import measure_latency, write_report
+from autoglm_distill.export.storage import weight_sparsity, weight_storage
 from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
 from autoglm_distill.utils import save_dir_atomic, sha256_of
 
@@ -90,7 +92,11 @@ def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | 
         "eos_token_ids": eos_ids,
         "pad_token_id": pad if pad is not None else 0,
         "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens},
+        "weight_sparsity": weight_sparsity(model),  # zeros in the Linear weights; pattern None: dense
     }
+    qat = qat_record(model)
+    if qat is not None:  # trained with fake-quantized weights: the int8 artifacts carry what was trained
+        facts["qat"] = qat
     if model.config.model_type == "glm4v":
         if golden is None or golden.grid_thw is None:
             raise ValueError("an image-text student needs golden prompts with a screenshot to fix the image size")
@@ -146,6 +152,18 @@ def fitting(goldens: Sequence[Golden], settings: ExportSettings) -> list[Golden]
             "export.max_context"
         )
     return fit
+
+
+def _with_qat(quantization: dict | None, qat: dict | None) -> dict | None:
+    """An int8 artifact's quantization record, with the QAT scheme the student was trained under (if any)."""
+    if quantization is None or qat is None:
+        return quantization
+    note = (
+        "weights were trained on this int8 per-channel grid: the int8 file holds the trained values"
+        if qat.get("weights_on_int8_grid")
+        else "trained for " + qat["weights"] + "; written as int8 per channel (the exporters write no int4 yet)"
+    )
+    return {**quantization, "qat": qat, "qat_note": note}
 
 
 def _fp32_cpu(model: nn.Module) -> nn.Module:
@@ -265,7 +283,8 @@ def export_student(
                             "sha256": sha256_of(path),
                             "signatures": record["signatures"],
                             "max_context": settings.max_context,
-                            "quantization": record["quantization"],
+                            "quantization": _with_qat(record["quantization"], facts.get("qat")),
+                            "weight_storage": record.get("weight_storage") or weight_storage(facts),
                             "converter": versions,
                             "parity": parity,
                             "cpu_latency_ms": latency,
