@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText
 from autoglm_distill import config as config_lib
 from autoglm_distill import run
 
-from .conftest import compose_config, run_cli
+from .conftest import TINY_TEXT, compose_config, run_cli
 from .test_run import quick_export
 
 
@@ -75,18 +75,7 @@ def test_compression_config_mistakes_are_reported_with_the_fix(tmp_path):
 def test_pruned_teacher_init_refuses_a_student_shape_it_cannot_reach(tmp_path, tokenizer):
     from autoglm_distill.models import ModelLoadError, build_model
 
-    teacher = build_model(
-        "glm4",
-        {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-        },
-        tokenizer,
-    )
+    teacher = build_model("glm4", TINY_TEXT, tokenizer)  # head_dim 16
     cfg = compose_config(["recipe=demo", "student.init=pruned_teacher"], tmp_path)  # demo student: head_dim 32
     with pytest.raises(ModelLoadError, match="set the student's to the teacher's"):
         run.student_shape(cfg.student, teacher)

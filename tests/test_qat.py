@@ -140,3 +140,20 @@ def test_bad_settings_name_the_key():
         QuantizationAware(start_fraction=1.0)
     with pytest.raises(QATError, match="callbacks.qat.weights"):
         QuantizationAware(weights="int2")
+
+
+def test_int4_option_fake_quantizes_per_group_and_the_export_note_says_int8(tokenizer):
+    from autoglm_distill.compress.qat import convert, prepare
+    from autoglm_distill.export.exporter import _with_qat
+
+    torch.manual_seed(0)
+    student = build_model("glm4", TINY_TEXT, tokenizer)
+    assert prepare(student, weights="int4", group_size=16) == 7
+    fake = next(m for m in student.modules() if is_fake_quantized(m))
+    assert fake.weight_fake_quantizer.config.dtype == torch.int4 and fake.weight_fake_quantizer.config.group_size == 16
+    before = student.lm_head.weight.detach().clone()
+    record = convert(student, weights="int4", group_size=16)
+    assert record["weights"] == "int4 per group of 16" and not record["weights_on_int8_grid"]
+    torch.testing.assert_close(student.lm_head.weight, before)  # not snapped to int8: the int4 scheme was trained
+    note = _with_qat({"recipe": "x"}, record)["qat_note"]
+    assert "written as int8" in note
