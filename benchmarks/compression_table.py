@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from autoglm_distill.actions import try_parse
 from autoglm_distill.data.phone import read_split
 from autoglm_distill.evaluate import score_answers
 from autoglm_distill.export.run import Runner
@@ -70,13 +73,24 @@ def run_once(name: str, overrides: list[str], args) -> dict:
     return json.loads(summary_path.read_text())
 
 
-def artifact_accuracy(export_dir: Path, fmt: str, precision: str, records: list[dict], split) -> dict:
-    """Action metrics of the exported ``fmt``/``precision`` file over the test chats (reference runner, greedy)."""
+def artifact_accuracy(export_dir: Path, fmt: str, precision: str, records: list[dict], split, reference: dict) -> dict:
+    """Action metrics of the exported ``fmt``/``precision`` file over the test chats (reference runner, greedy), how
+    often it gives the same action as the run's own PyTorch student (``reference``: id -> answer), and its CPU
+    speed: median ms per answer (prefill + decode) and ms per generated token."""
     runner = Runner(export_dir, fmt, precision)
-    answers = [
-        runner(r["messages"], 64)["text"] for r in track(records, description=f"{export_dir.name} {fmt} {precision}")
-    ]
-    return score_answers(answers, split)
+    answers, same, seconds, tokens = [], 0, [], 0
+    for r in track(records, description=f"{export_dir.name} {fmt} {precision}"):
+        start = time.perf_counter()
+        out = runner(r["messages"], 64)
+        seconds.append(time.perf_counter() - start)
+        tokens += len(out["tokens"])
+        answers.append(out["text"])
+        same += out["action"] is not None and out["action"] == try_parse(reference[r["id"]])
+    return score_answers(answers, split) | {
+        "same_action_as_pytorch": same / len(records),
+        "ms_per_answer_median": 1e3 * statistics.median(seconds),
+        "ms_per_token": 1e3 * sum(seconds) / max(tokens, 1),
+    }
 
 
 def main() -> None:
@@ -102,6 +116,8 @@ def main() -> None:
     for name, label, _ in RUNS:
         s = summaries[name]
         manifest = json.loads((args.work / "export" / name / "manifest.json").read_text())
+        predictions = json.loads((args.work / "runs" / name / "predictions" / "student_test.json").read_text())
+        reference = {p["id"]: p["answer"] for p in predictions}
         row = {
             "name": name,
             "label": label,
@@ -115,9 +131,9 @@ def main() -> None:
             for a in manifest["artifacts"]:
                 if a["format"] == fmt and a["precision"] == "int8":
                     row[f"{fmt}_int8_bytes"] = row.get(f"{fmt}_int8_bytes", 0) + a["bytes"]
-                    row[f"{fmt}_int8_decode_ms"] = a["cpu_latency_ms"]["decode_ms_median"]
+                    row[f"{fmt}_int8_export_decode_ms"] = a["cpu_latency_ms"]["decode_ms_median"]
                     row[f"{fmt}_int8_parity_passed"] = a["parity"]["passed"]
-            row[f"{fmt}_int8"] = artifact_accuracy(args.work / "export" / name, fmt, "int8", records, split)
+            row[f"{fmt}_int8"] = artifact_accuracy(args.work / "export" / name, fmt, "int8", records, split, reference)
         rows.append(row)
     kd = next(r for r in rows if r["name"] == "kd")
     rows.insert(2, {**kd, "name": "ptq", "label": "PTQ int8 of KD only"})
@@ -129,13 +145,14 @@ def main() -> None:
         "params",
         "x fewer than teacher",
         "int8 onnx / tflite KB",
-        "decode ms onnx / tflite int8",
+        "ms/token onnx / tflite int8",
         "measured on",
         "action_type",
         "tap_in_element",
         "exact",
         "exact Δ vs teacher",
-        "exact onnx int8",
+        "exact onnx / tflite int8",
+        "int8 same action as own fp32, onnx / tflite",
     ]
     for c in columns:
         table.add_column(c, justify="left" if c in ("row", "measured on") else "right")
@@ -149,11 +166,16 @@ def main() -> None:
             f"{r['params']:,}",
             f"{teacher['params'] / r['params']:.1f}",
             f"{r['onnx_int8_bytes'] / 1e3:.0f} / {r['tflite_int8_bytes'] / 1e3:.0f}" if "onnx_int8_bytes" in r else "-",
-            f"{r['onnx_int8_decode_ms']:.2f} / {r['tflite_int8_decode_ms']:.2f}" if "onnx_int8_decode_ms" in r else "-",
+            f"{r['onnx_int8']['ms_per_token']:.2f} / {r['tflite_int8']['ms_per_token']:.2f}"
+            if "onnx_int8" in r
+            else "-",
             {"pytorch": "PyTorch fp32", "onnx_int8": "ONNX int8 file"}[where],
             *(f"{m[k]:.3f}" for k in METRICS),
             f"{m['exact_match'] - teacher_exact:+.3f}",
-            f"{r['onnx_int8']['exact_match']:.3f}" if "onnx_int8" in r else "-",
+            f"{r['onnx_int8']['exact_match']:.3f} / {r['tflite_int8']['exact_match']:.3f}" if "onnx_int8" in r else "-",
+            f"{r['onnx_int8']['same_action_as_pytorch']:.3f} / {r['tflite_int8']['same_action_as_pytorch']:.3f}"
+            if "onnx_int8" in r
+            else "-",
         ]
         r["measured_on"] = where
         table.add_row(*cells)

@@ -219,3 +219,28 @@ def test_resuming_a_pruned_checkpoint_into_the_unpruned_student_names_the_fix(to
     checkpoint = {"state_dict": {f"student.{k}": v for k, v in pruned.student.state_dict().items()}}
     with pytest.raises(RuntimeError, match="resuming across structured pruning is not supported"):
         module().on_load_checkpoint(checkpoint)
+
+
+def test_a_pruned_student_exports_smaller_files_that_pass_every_check(tokenizer, data_dir, tmp_path):
+    from autoglm_distill.export import Bars, ExportSettings, export_student
+
+    settings = ExportSettings(
+        formats=("onnx",),
+        max_context=256,
+        max_new_tokens=8,
+        golden_prompts=2,
+        latency_runs=2,
+        bars=Bars(int8_min_top1_agreement=0.3),  # random tiny students have near-tied logits (see test_export.py)
+    )
+    model = text_model(tokenizer, hidden_size=96, intermediate_size=256)
+    target = Shape(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+    )
+    smaller = prune_to(model, target, batches(tokenizer, data_dir))
+    sizes = {}
+    for name, student in (("full", model), ("pruned", smaller)):
+        manifest = export_student(student, tokenizer, tmp_path / name, settings)
+        assert all(a["parity"]["passed"] for a in manifest["artifacts"])
+        sizes[name] = {a["precision"]: a["bytes"] for a in manifest["artifacts"] if "decode" in a["graphs"]}
+    for precision in ("fp32", "int8"):
+        assert sizes["pruned"][precision] < 0.6 * sizes["full"][precision], sizes
