@@ -162,5 +162,19 @@ def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, tokeniz
         )
 
 
+def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    """(text decoder with embed_tokens/layers/norm/rotary_emb, lm_head, text config) of a GLM-4 or GLM-4.1V model:
+    what the export graphs and structured pruning work on."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type == "glm4":
+        return model.model, model.lm_head, model.config
+    if model_type == "glm4v":
+        return model.model.language_model, model.lm_head, model.config.text_config
+    raise ValueError(
+        f"export and structured pruning support GLM-4 (glm4) and GLM-4.1V (glm4v) models, this one is "
+        f"{model_type!r}: export=none skips the export"
+    )
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -319,10 +319,7 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
         image_processor = build_image_processor(tuple(cfg.data.generate.image_size))
     log.info("Instantiating scratch teacher <%s>", scratch.arch)
     model = build_model(scratch.arch, OmegaConf.to_container(scratch.config), tokenizer)
-    encoder = ChatEncoder(tokenizer, image_processor, cfg.data.max_length)
-    datamodule = PhoneDataModule(
-        root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
-    )
+    datamodule = data_module(cfg, root, tokenizer, image_processor)
     hard = DistillationLoss(alpha=0.0)
     metrics, model = fit(
         cfg,

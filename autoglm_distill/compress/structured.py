@@ -28,6 +28,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from autoglm_distill.compress.qat import is_fake_quantized
+from autoglm_distill.models import decoder_parts
+
 log = logging.getLogger(__name__)
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -75,14 +78,9 @@ def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def _decoder(model: PreTrainedModel) -> tuple[nn.Module, str]:
-    """The text decoder (``embed_tokens``, ``layers``, ``norm``) and its state-dict prefix."""
-    inner = model.model
-    if hasattr(inner, "language_model"):
-        return inner.language_model, "model.language_model."
-    if hasattr(inner, "layers"):
-        return inner, "model."
-    raise PruningError(f"{type(model).__name__} is not a GLM-4 / GLM-4.1V model: structured pruning supports those.")
+def _prefix(model: PreTrainedModel) -> str:
+    """The state-dict prefix of the text decoder that ``decoder_parts`` returns."""
+    return "model.language_model." if model.config.model_type == "glm4v" else "model."
 
 
 @dataclass
@@ -108,7 +106,7 @@ def importance(model: PreTrainedModel, batches: Iterable[Mapping[str, torch.Tens
     """
     from autoglm_distill.module import model_inputs
 
-    decoder, _ = _decoder(model)
+    decoder, _, _ = decoder_parts(model)
     cfg = text_config(model)
     n_layers, n_heads, head_dim = cfg.num_hidden_layers, cfg.num_attention_heads, head_dim_of(cfg)
     device = next(model.parameters()).device
@@ -326,7 +324,7 @@ def check_target(model: PreTrainedModel, target: Shape) -> None:
 def prune(model: PreTrainedModel, p: Plan) -> PreTrainedModel:
     """A new, smaller model of the same class holding ``model``'s kept weights (``model`` is left as it was)."""
     check_target(model, p.target)
-    _, prefix = _decoder(model)
+    prefix = _prefix(model)
     head_dim = head_dim_of(text_config(model))
     state = dict(filter(None, (_slice(k, t, p, prefix, head_dim) for k, t in model.state_dict().items())))
     config = pruned_config(model.config, p.target, p.layers)
@@ -359,10 +357,6 @@ def _between(start: Shape, final: Shape, fraction: float) -> Shape:
     values = {k: round(getattr(start, k) - (getattr(start, k) - getattr(final, k)) * fraction) for k in SHAPE_KEYS}
     values["num_attention_heads"] -= values["num_attention_heads"] % values["num_key_value_heads"]
     return Shape(**values)
-
-
-def _is_fake_quantized(model: nn.Module) -> bool:
-    return any("FakeQuantized" in type(m).__name__ for m in model.modules())
 
 
 class StructuredPruning(pl.Callback):
@@ -410,7 +404,7 @@ class StructuredPruning(pl.Callback):
         if step not in self.steps or any(h["step"] == step for h in self.history):
             return
         student = pl_module.student
-        if _is_fake_quantized(student):
+        if any(is_fake_quantized(m) for m in student.modules()):
             raise PruningError(
                 f"Structured pruning at step {step} found fake-quantized layers: QAT has already started. Prune "
                 "earlier: keep callbacks.prune_structured.schedule below callbacks.qat.start_fraction."
@@ -448,7 +442,7 @@ def _dummy_scores(shape: Shape) -> Importance:
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, old: nn.Module, new: nn.Module, p: Plan) -> None:
     """Point ``optimizer`` at ``new``'s parameters, slicing each per-parameter state tensor (Adam's moments) exactly
     like its weight; state of dropped layers goes with them."""
-    _, prefix = _decoder(old)
+    prefix = _prefix(old)
     head_dim = head_dim_of(text_config(old))
     names = {id(t): name for name, t in old.named_parameters()}
     params = dict(new.named_parameters())

@@ -25,10 +25,11 @@ from torch import nn
 
 from autoglm_distill.compress.qat import qat_record
 from autoglm_distill.export import coreml, onnx, tflite
-from autoglm_distill.export.graphs import GraphSpec, decoder_parts, graph_specs
+from autoglm_distill.export.graphs import GraphSpec, graph_specs
 from autoglm_distill.export.report import measure_latency, write_report
 from autoglm_distill.export.storage import weight_sparsity, weight_storage
 from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
+from autoglm_distill.models import decoder_parts
 from autoglm_distill.utils import save_dir_atomic, sha256_of
 
 log = logging.getLogger(__name__)

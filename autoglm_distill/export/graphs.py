@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoglm_distill.models import decoder_parts
+
 # Additive mask for disallowed keys: finite (some converters reject -inf), representable in fp16 (Core ML runs fp16;
 # -1e9 would round to -inf there) and far enough below any real score that its softmax weight is exactly 0.
 MASK_VALUE = -1e4
@@ -43,18 +45,6 @@ def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
     """GLM-4's rotate_half on interleaved pairs: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
     pairs = x.unflatten(-1, (-1, 2))
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
-def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Any]:
-    """(text decoder with embed_tokens/layers/norm/rotary_emb, lm_head, text config) of a GLM-4 or GLM-4.1V model."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type == "glm4":
-        return model.model, model.lm_head, model.config
-    if model_type == "glm4v":
-        return model.model.language_model, model.lm_head, model.config.text_config
-    raise ValueError(
-        f"export supports GLM-4 (glm4) and GLM-4.1V (glm4v) students, this one is {model_type!r}: export=none skips it"
-    )
 
 
 class _Glm4Graph(nn.Module):
