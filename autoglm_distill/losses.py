@@ -57,6 +57,24 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
+def divergence(log_q: Tensor, log_p: Tensor, kind: str, beta: float = 0.5, skew: float = 0.1) -> Tensor:
+    """Per-token divergence between teacher log-probs ``log_p`` and student log-probs ``log_q`` (last dim).
+
+    Both are normalised log-distributions over the same buckets: the full vocabulary, or a teacher's top-k
+    tokens plus one bucket for the rest (`TopKTargets`). See `token_divergence` for the kinds.
+    """
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0) or (kind == "skew_forward_kl" and skew == 0):
+        return _kl(log_p, log_q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1) or (kind == "skew_reverse_kl" and skew == 0):
+        return _kl(log_q, log_p)
+    if kind == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    if kind == "skew_forward_kl":
+        return _kl(log_p, _log_mix(log_p, log_q, skew))
+    return _kl(log_q, _log_mix(log_q, log_p, skew))
+
+
 def token_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -92,16 +110,65 @@ def token_divergence(
     dtype = _compute_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0) or (kind == "skew_forward_kl" and skew == 0):
-        return _kl(log_p, log_q)
-    if kind == "reverse_kl" or (kind == "jsd" and beta == 1) or (kind == "skew_reverse_kl" and skew == 0):
-        return _kl(log_q, log_p)
-    if kind == "jsd":
-        log_m = _log_mix(log_p, log_q, beta)
-        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    if kind == "skew_forward_kl":
-        return _kl(log_p, _log_mix(log_p, log_q, skew))
-    return _kl(log_q, _log_mix(log_q, log_p, skew))
+    return divergence(log_q, log_p, kind, beta, skew)
+
+
+@dataclass
+class HeadTargets:
+    """A teacher given by its final hidden states and ``lm_head`` weight: its logits are made chunk by chunk.
+
+    Attributes:
+        hidden: ``[N, H]`` hidden states at the supervised positions (or ``[B, T, H]`` before selection).
+        weight: ``[V, H]`` lm_head weight (GLM heads have no bias).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+
+    def select(self, mask: Tensor) -> HeadTargets:
+        return HeadTargets(self.hidden[mask], self.weight)
+
+    def rows(self, start: int, end: int) -> Tensor:
+        """The teacher logits of rows ``start:end``."""
+        return self.hidden[start:end] @ self.weight.T
+
+
+@dataclass
+class TopKTargets:
+    """A teacher given by its top-k tokens per position (the offline teacher cache).
+
+    The distribution has ``k + 1`` buckets: the k tokens and the rest of the vocabulary. The student's is
+    collapsed the same way, so every divergence kind is computed on ``k + 1`` buckets; with the whole
+    vocabulary cached (k = V) it is the dense divergence.
+
+    Attributes:
+        ids: ``[N, k]`` token ids (int64), supervised positions only, in batch order.
+        logp: ``[N, k]`` teacher log-probs of those tokens at ``temperature``.
+        rest: ``[N]`` log of the teacher's leftover mass (``-inf`` when the k tokens hold it all).
+        temperature: the temperature the log-probs were taken at; must equal the loss's.
+    """
+
+    ids: Tensor
+    logp: Tensor
+    rest: Tensor
+    temperature: float
+
+    def select(self, mask: Tensor) -> TopKTargets:
+        """Already stored for supervised positions only; checks the count matches."""
+        if int(mask.sum()) != self.ids.shape[0]:
+            raise ValueError(
+                f"The teacher cache has {self.ids.shape[0]} positions for this batch but it has {int(mask.sum())} "
+                "supervised tokens: the cache was written for other data or another tokenizer/max_length. "
+                "Rebuild it: python -m autoglm_distill.cache_teacher with the training run's overrides."
+            )
+        return self
+
+    def rows(self, start: int, end: int) -> TopKTargets:
+        sl = slice(start, end)
+        return TopKTargets(self.ids[sl], self.logp[sl], self.rest[sl], self.temperature)
+
+
+Teacher = Tensor | HeadTargets | TopKTargets
 
 
 @dataclass
@@ -113,24 +180,30 @@ class DistillationLossOutput:
         kd: Scalar mean per-token divergence D (before alpha and T**2); 0 when there is no teacher.
         ce: Scalar mean per-token cross entropy on the hard labels (T = 1).
         num_tokens: Scalar int64, number of supervised tokens.
+        agree: Scalar int64, supervised tokens where the student's top-1 token is the teacher's (0 without one).
     """
 
     loss: Tensor
     kd: Tensor
     ce: Tensor
     num_tokens: Tensor
+    agree: Tensor
 
 
 class DistillationLoss(nn.Module):
     """``alpha * T**2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, labels)`` over response tokens.
 
-    Shapes:
-        student_logits: ``[B, T, V]`` or ``[N, V]``.
-        teacher_logits: same shape as ``student_logits`` (or ``None`` when ``alpha == 0``).
-        labels: ``[B, T]`` or ``[N]``, already aligned with the logits (the caller does the causal
-            shift); positions equal to ``ignore_index`` are excluded from both terms.
+    Two ways in, same result (tested to 1e-5 in fp32, loss and gradients):
 
-    Both terms are token-level means over the batch's supervised tokens; teacher logits are detached.
+    * `forward` takes full logits ``[B, T, V]``: the naive reference;
+    * `from_hidden` takes the student's final hidden states and lm_head weight and makes the logits
+      ``chunk_size`` tokens at a time inside a custom autograd Function that computes the gradients in the
+      same pass, so full-vocabulary logits of the batch never exist, in forward or backward.
+
+    The teacher is given as logits (naive), as hidden states + lm_head weight (`HeadTargets`), or as cached
+    top-k log-probs (`TopKTargets`), or ``None`` when ``alpha == 0``. Labels are already aligned with the
+    positions (the caller does the causal shift); ``ignore_index`` positions are excluded from both terms,
+    which are token-level means over the batch's supervised tokens. Teacher targets are never differentiated.
 
     Args:
         kind: Divergence, one of ``KINDS`` (see `token_divergence`).
@@ -139,6 +212,8 @@ class DistillationLoss(nn.Module):
         beta: JSD interpolation weight in [0, 1].
         skew: Skew weight in [0, 1) for the ``skew_*`` kinds.
         ignore_index: Label value marking unsupervised positions.
+        chunk_size: tokens per chunk in `from_hidden`; ``"auto"`` keeps a chunk's logits near 2**24
+            values (110 tokens at V=151,552); ``None`` makes the caller use full logits (`forward`).
     """
 
     def __init__(
@@ -149,40 +224,161 @@ class DistillationLoss(nn.Module):
         beta: float = 0.5,
         skew: float = 0.1,
         ignore_index: int = -100,
+        chunk_size: int | str | None = "auto",
     ) -> None:
         super().__init__()
         _check_params(kind, temperature, beta, skew)
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)):
+            raise ValueError(
+                f"distill.loss.chunk_size must be a positive number of tokens, auto or null (full logits), "
+                f"got {chunk_size!r}."
+            )
         self.kind, self.temperature, self.alpha = kind, temperature, alpha
         self.beta, self.skew, self.ignore_index = beta, skew, ignore_index
+        self.chunk_size = chunk_size
 
-    def forward(
-        self, student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = None
-    ) -> DistillationLossOutput:
-        """Compute the loss; see the class docstring for shapes. Returns a `DistillationLossOutput`."""
+    def chunk_tokens(self, vocab_size: int) -> int:
+        """Tokens per chunk for a vocabulary of ``vocab_size``."""
+        if self.chunk_size == "auto":
+            return max(1, 2**24 // vocab_size)
+        return int(self.chunk_size)
+
+    def forward(self, student_logits: Tensor, labels: Tensor, teacher: Teacher | None = None) -> DistillationLossOutput:
+        """The naive loss from full student logits ``[B, T, V]`` (or ``[N, V]``); see the class docstring."""
         if labels.shape != student_logits.shape[:-1]:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} does not match student_logits shape "
                 f"{tuple(student_logits.shape)} without the vocab dim."
             )
-        if teacher_logits is None and self.alpha > 0:
-            raise ValueError(f"teacher_logits is required when alpha > 0 (alpha={self.alpha}).")
-        if teacher_logits is not None:
-            _check_same_shape(student_logits, teacher_logits)
-        mask = labels != self.ignore_index
-        num_tokens = mask.sum()
-        # Select the supervised positions first so padding never enters any computation.
+        if isinstance(teacher, Tensor):
+            _check_same_shape(student_logits, teacher)
+        mask = self._mask(labels, teacher)
         student = student_logits[mask].to(_compute_dtype(student_logits))
+        targets = self._targets(teacher, mask)
+        num_tokens = mask.sum()
+        kd, ce, agree = self._sums(student, labels[mask], targets)
         denom = num_tokens.clamp(min=1).to(student.dtype)  # empty sums are 0 -> loss 0, not nan
-        ce = F.cross_entropy(student, labels[mask], reduction="sum") / denom
-        if teacher_logits is None:
-            return DistillationLossOutput(loss=ce, kd=torch.zeros_like(ce), ce=ce, num_tokens=num_tokens)
-        teacher = teacher_logits.detach()[mask]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.alpha > 0):
-            per_token = token_divergence(student, teacher, self.kind, self.temperature, self.beta, self.skew)
-            kd = per_token.sum() / denom
-        # Zero-weighted terms are skipped so that an infinite term times 0 cannot make the loss nan.
+        kd, ce = kd / denom, ce / denom
+        return DistillationLossOutput(self.combine(kd, ce), kd, ce, num_tokens, agree)
+
+    def from_hidden(
+        self, hidden: Tensor, weight: Tensor, labels: Tensor, teacher: HeadTargets | TopKTargets | None = None
+    ) -> DistillationLossOutput:
+        """The same loss from the student's final hidden states ``[B, T, H]`` and lm_head weight ``[V, H]``,
+        ``chunk_size`` tokens at a time (see the class docstring)."""
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)} without "
+                "the hidden dim."
+            )
+        mask = self._mask(labels, teacher)
+        targets = self._targets(teacher, mask)
+        chunk = self.chunk_tokens(weight.shape[0])
+        args = (hidden[mask], weight, labels[mask], targets, self, chunk)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            loss, kd, ce, agree = _ChunkedLoss.apply(*args)
+        else:
+            loss, kd, ce, agree, _, _ = _chunked(*args, with_grads=False)
+        return DistillationLossOutput(loss, kd, ce, mask.sum(), agree)
+
+    def combine(self, kd: Tensor, ce: Tensor) -> Tensor:
+        """``alpha * T**2 * kd + (1 - alpha) * ce``; a zero-weighted term is skipped, so inf * 0 cannot be nan."""
         kd_term = self.alpha * self.temperature**2 * kd
-        loss = ce if self.alpha == 0 else kd_term if self.alpha == 1 else kd_term + (1 - self.alpha) * ce
-        return DistillationLossOutput(loss=loss, kd=kd, ce=ce, num_tokens=num_tokens)
+        return ce if self.alpha == 0 else kd_term if self.alpha == 1 else kd_term + (1 - self.alpha) * ce
+
+    def _mask(self, labels: Tensor, teacher: Teacher | None) -> Tensor:
+        if teacher is None and self.alpha > 0:
+            raise ValueError(f"a teacher is required when alpha > 0 (alpha={self.alpha}).")
+        if isinstance(teacher, TopKTargets) and teacher.temperature != self.temperature:
+            raise ValueError(
+                f"The teacher cache holds log-probs at temperature {teacher.temperature} but "
+                f"distill.loss.temperature={self.temperature}: set distill.loss.temperature={teacher.temperature} "
+                "or rebuild the cache with python -m autoglm_distill.cache_teacher at the new temperature."
+            )
+        return labels != self.ignore_index
+
+    @staticmethod
+    def _targets(teacher: Teacher | None, mask: Tensor) -> Teacher | None:
+        """The teacher at the supervised positions only, so that padding never enters any computation."""
+        if isinstance(teacher, Tensor):
+            return teacher.detach()[mask]
+        return None if teacher is None else teacher.select(mask)
+
+    def _sums(self, student: Tensor, labels: Tensor, teacher: Tensor | TopKTargets | None):
+        """(summed divergence, summed CE, top-1 agreement count) over rows of student logits ``[n, V]``."""
+        ce = F.cross_entropy(student, labels, reduction="sum")
+        if teacher is None:
+            zero = torch.zeros((), dtype=torch.long, device=student.device)
+            return torch.zeros_like(ce), ce, zero
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.alpha > 0):
+            if isinstance(teacher, TopKTargets):
+                log_q, log_p = _collapse(student, teacher, self.temperature)
+                teacher_top = teacher.ids.gather(-1, teacher.logp.argmax(-1, keepdim=True)).squeeze(-1)
+            else:
+                dtype = _compute_dtype(student, teacher)
+                log_q = F.log_softmax(student.to(dtype) / self.temperature, dim=-1)
+                log_p = F.log_softmax(teacher.detach().to(dtype) / self.temperature, dim=-1)
+                teacher_top = teacher.argmax(-1)
+            kd = divergence(log_q, log_p, self.kind, self.beta, self.skew).sum()
+        agree = (student.detach().argmax(-1) == teacher_top).sum()
+        return kd, ce, agree
+
+
+def _collapse(student: Tensor, teacher: TopKTargets, temperature: float) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probs over the ``k + 1`` buckets of a `TopKTargets` (k tokens, then the rest)."""
+    log_q_full = F.log_softmax(student.float() / temperature, dim=-1)
+    log_q_top = log_q_full.gather(-1, teacher.ids)
+    log_q_rest = torch.logsumexp(log_q_full.scatter(-1, teacher.ids, -math.inf), dim=-1, keepdim=True)
+    log_p = torch.cat([teacher.logp.float(), teacher.rest.float().unsqueeze(-1)], dim=-1)
+    return torch.cat([log_q_top, log_q_rest], dim=-1), log_p
+
+
+def _chunked(hidden, weight, labels, teacher, loss: DistillationLoss, chunk: int, with_grads: bool):
+    """Loss terms over ``chunk``-token slices of ``hidden @ weight.T``, plus (when ``with_grads``) the gradients
+    of the final loss with respect to ``hidden`` and ``weight``: each chunk's logits are differentiated and freed
+    before the next chunk is made. Returns (loss, kd, ce, agree, grad_hidden, grad_weight)."""
+    n = hidden.shape[0]
+    dtype = _compute_dtype(hidden, weight)
+    denom = max(n, 1)
+    kd = torch.zeros((), dtype=dtype, device=hidden.device)
+    ce, agree = kd.clone(), torch.zeros((), dtype=torch.long, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if with_grads else None
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        h = hidden[start:end]
+        target = None if teacher is None else teacher.rows(start, end)
+        logits = (h @ weight.T).to(dtype)
+        if not with_grads:
+            kd_c, ce_c, agree_c = loss._sums(logits, labels[start:end], target)
+        else:
+            with torch.enable_grad():
+                logits.requires_grad_(True)
+                kd_c, ce_c, agree_c = loss._sums(logits, labels[start:end], target)
+                (grad_logits,) = torch.autograd.grad(loss.combine(kd_c / denom, ce_c / denom), logits)
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[start:end] = grad_logits @ weight.to(hidden.dtype)
+            grad_weight.addmm_(grad_logits.T.to(dtype), h.to(dtype))
+        kd, ce, agree = kd + kd_c.detach(), ce + ce_c.detach(), agree + agree_c
+    kd, ce = kd / denom, ce / denom
+    return loss.combine(kd, ce), kd, ce, agree, grad_hidden, grad_weight
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Chunked loss whose gradients are made in the forward pass (one pass over the chunks, no recompute);
+    backward only scales them, so nothing of vocabulary size is saved for it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, teacher, loss, chunk):
+        out = _chunked(hidden, weight, labels, teacher, loss, chunk, with_grads=True)
+        grad_hidden, grad_weight = out[4], out[5]
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(out[1], out[2], out[3])
+        return out[0].clone(), out[1], out[2], out[3]  # a clone: with alpha = 0 the loss *is* ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
