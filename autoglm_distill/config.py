@@ -105,6 +105,15 @@ def validate(cfg: DictConfig) -> None:
             f"data.generate lacks {sorted(missing)} (a recipe set only part of it?): to use your own data "
             "add data.generate=null, else give the missing keys."
         )
+    if cfg.distill.teacher not in ("model", "cache"):
+        problems.append(f"distill.teacher={cfg.distill.teacher!r}: use model or cache.")
+    if cfg.distill.teacher == "cache" and cfg.student.init == "pruned_teacher":
+        problems.append(
+            "student.init=pruned_teacher needs the teacher's weights, which distill.teacher=cache never loads: "
+            "use student.init=random, or distill.teacher=model."
+        )
+    if not 1 <= cfg.distill.cache.value_bits <= 16:
+        problems.append(f"distill.cache.value_bits={cfg.distill.cache.value_bits}: use 4 to 8 (at most 16).")
     loss = cfg.distill.loss
     if not 0.0 <= loss.alpha <= 1.0:
         problems.append(f"distill.loss.alpha={loss.alpha}: must lie in [0, 1].")

@@ -212,8 +212,8 @@ class DistillationLoss(nn.Module):
         beta: JSD interpolation weight in [0, 1].
         skew: Skew weight in [0, 1) for the ``skew_*`` kinds.
         ignore_index: Label value marking unsupervised positions.
-        chunk_size: tokens per chunk in `from_hidden`; ``"auto"`` keeps a chunk's logits near 2**24
-            values (110 tokens at V=151,552); ``None`` makes the caller use full logits (`forward`).
+        chunk_size: tokens per chunk in `from_hidden`; ``"auto"`` keeps a chunk's logits near 2**22
+            values (27 tokens at V=151,552); ``None`` makes the caller use full logits (`forward`).
     """
 
     def __init__(
@@ -242,7 +242,7 @@ class DistillationLoss(nn.Module):
     def chunk_tokens(self, vocab_size: int) -> int:
         """Tokens per chunk for a vocabulary of ``vocab_size``."""
         if self.chunk_size == "auto":
-            return max(1, 2**24 // vocab_size)
+            return max(1, 2**22 // vocab_size)
         return int(self.chunk_size)
 
     def forward(self, student_logits: Tensor, labels: Tensor, teacher: Teacher | None = None) -> DistillationLossOutput:
@@ -368,17 +368,24 @@ def _chunked(hidden, weight, labels, teacher, loss: DistillationLoss, chunk: int
 
 class _ChunkedLoss(torch.autograd.Function):
     """Chunked loss whose gradients are made in the forward pass (one pass over the chunks, no recompute);
-    backward only scales them, so nothing of vocabulary size is saved for it."""
+    backward only scales them in place, so nothing of vocabulary size is saved or allocated for it."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, teacher, loss, chunk):
         out = _chunked(hidden, weight, labels, teacher, loss, chunk, with_grads=True)
-        grad_hidden, grad_weight = out[4], out[5]
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        # Kept on ctx rather than save_for_backward: backward hands these very tensors to autograd as the
+        # gradients (scaled in place), so the weight gradient exists once, not twice.
+        ctx.grads = (out[4], out[5].to(weight.dtype))
         ctx.mark_non_differentiable(out[1], out[2], out[3])
         return out[0].clone(), out[1], out[2], out[3]  # a clone: with alpha = 0 the loss *is* ce
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("The chunked KD loss supports one backward pass per forward (no retain_graph).")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad_hidden.mul_(grad_loss)
+            grad_weight.mul_(grad_loss)
+        return grad_hidden, grad_weight, None, None, None, None

@@ -6,10 +6,14 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from autoglm_distill.losses import DistillationLoss
+from autoglm_distill.losses import DistillationLoss, DistillationLossOutput, HeadTargets, Teacher, TopKTargets
+from autoglm_distill.utils import rank_zero_logger
+
+log = rank_zero_logger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -19,15 +23,31 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
 
 
+def plain_head(model: PreTrainedModel) -> nn.Linear | None:
+    """The model's lm_head when it is a plain bias-free Linear (what the chunked loss multiplies by); None when a
+    callback has wrapped it (QAT fake-quantization, pruning masks), which needs the module's own forward."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None and not hasattr(head, "weight_orig"):
+        return head
+    return None
+
+
 class DistillModule(pl.LightningModule):
-    """Distils ``teacher`` into ``student`` with ``loss``; with no teacher it is plain hard-label training.
+    """Distils a teacher into ``student`` with ``loss``; with no teacher it is plain hard-label training.
+
+    The soft targets come from ``teacher`` (a frozen model run under inference_mode at every step) or, with
+    ``cache_temperature`` set, from the batches themselves (``teacher_ids`` / ``teacher_logp`` / ``teacher_rest``,
+    see `autoglm_distill.teacher_cache`). With ``loss.chunk_size`` set the loss is made from final hidden states
+    and lm_head weights a chunk at a time (`DistillationLoss.from_hidden`), so full-vocabulary logits of the batch
+    never exist; else from full logits.
 
     Args:
         student: the model that trains.
         loss: a ``DistillationLoss`` (alpha must be 0 when there is no teacher).
         optimizer: partial optimizer, called with the student's parameters.
         scheduler: partial LR schedule, called with the optimizer and ``num_training_steps``; optional.
-        teacher: frozen model whose logits are the soft targets; None for the hard-label baseline.
+        teacher: frozen model whose logits are the soft targets; None for the hard-label baseline or a cache.
+        cache_temperature: the temperature of cached targets in the batches; None without a cache.
     """
 
     def __init__(
@@ -37,15 +57,22 @@ class DistillModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         teacher: PreTrainedModel | None = None,
+        cache_temperature: float | None = None,
     ):
         super().__init__()
-        if teacher is None and loss.alpha > 0:
+        if teacher is None and cache_temperature is None and loss.alpha > 0:
             raise ValueError(f"distill.loss.alpha={loss.alpha} needs a teacher; use alpha=0 to train without one.")
         self.student, self.teacher, self.loss = student, teacher, loss
+        self.cache_temperature = cache_temperature
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # Checkpoints hold the student only (see on_save_checkpoint); the teacher comes from its path.
         self.strict_loading = False
         self.val_kd, self.val_ce, self.val_top1 = MeanMetric(), MeanMetric(), MeanMetric()
+        self._told_full_logits = False
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.cache_temperature is not None
 
     def train(self, mode: bool = True) -> DistillModule:
         super().train(mode)
@@ -53,18 +80,42 @@ class DistillModule(pl.LightningModule):
             self.teacher.eval()  # no dropout in the teacher, ever
         return self
 
-    def _forward(self, batch: dict[str, torch.Tensor]):
+    def _head(self) -> nn.Linear | None:
+        """The student's lm_head for the chunked loss, or None for full logits (chunk_size null, or a wrapped head)."""
+        if self.loss.chunk_size is None:
+            return None
+        head = plain_head(self.student)
+        if head is None and not self._told_full_logits:
+            log.info("The student's lm_head is wrapped by a callback (QAT or pruning): the loss uses full logits.")
+            self._told_full_logits = True
+        return head
+
+    def _teacher_targets(self, batch: dict[str, torch.Tensor], inputs: dict, chunked: bool) -> Teacher | None:
+        if self.cache_temperature is not None:
+            return TopKTargets(
+                batch["teacher_ids"], batch["teacher_logp"], batch["teacher_rest"], self.cache_temperature
+            )
+        if self.teacher is None:
+            return None
+        with torch.inference_mode():
+            if not chunked:
+                return self.teacher(**inputs).logits[:, :-1].clone()
+            hidden = self.teacher.model(**inputs).last_hidden_state[:, :-1]
+        # Cloned out of inference mode: autograd may read what the student's loss is computed from.
+        return HeadTargets(hidden.clone(), self.teacher.get_output_embeddings().weight)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> DistillationLossOutput:
         inputs = model_inputs(batch)
-        student_logits = self.student(**inputs).logits[:, :-1]
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(**inputs).logits[:, :-1]
-        labels = batch["labels"][:, 1:]  # logits at t predict the token at t + 1
-        return self.loss(student_logits, labels, teacher_logits), student_logits, teacher_logits, labels
+        labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
+        head = self._head()
+        teacher = self._teacher_targets(batch, inputs, chunked=head is not None)
+        if head is None:
+            return self.loss(self.student(**inputs).logits[:, :-1], labels, teacher)
+        hidden = self.student.model(**inputs).last_hidden_state[:, :-1]
+        return self.loss.from_hidden(hidden, head.weight, labels, teacher)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out, *_ = self._forward(batch)
+        out = self._forward(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({out.loss.item()}) at step {self.global_step}: lower optimizer.lr, "
@@ -73,19 +124,17 @@ class DistillModule(pl.LightningModule):
             )
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/ce", out.ce)
-        if self.teacher is not None:
+        if self.has_teacher:
             self.log("train/kd", out.kd)
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out, student_logits, teacher_logits, labels = self._forward(batch)
+        out = self._forward(batch)
         self.val_ce.update(out.ce, weight=out.num_tokens)
         self.log("val/ce", self.val_ce, prog_bar=True)
-        if teacher_logits is not None:
+        if self.has_teacher:
             self.val_kd.update(out.kd, weight=out.num_tokens)
-            mask = labels != self.loss.ignore_index
-            agree = student_logits.argmax(-1)[mask] == teacher_logits.argmax(-1)[mask]
-            self.val_top1.update(agree.float())
+            self.val_top1.update(out.agree / out.num_tokens.clamp(min=1), weight=out.num_tokens)
             self.log("val/kd", self.val_kd)
             self.log("val/top1_agreement", self.val_top1, prog_bar=True)
 

@@ -45,8 +45,10 @@ from autoglm_distill.models import (
     is_image_text,
     load_pretrained,
     resolve_dtype,
+    vocab_size,
 )
 from autoglm_distill.module import DistillModule
+from autoglm_distill.teacher_cache import TeacherCache, TeacherCacheError
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
 from autoglm_distill.utils import rank_zero_logger, save_dir_atomic, write_json_atomic
 
@@ -111,11 +113,12 @@ def make_trainer(cfg: DictConfig, stage: str, max_steps: int | None = None) -> p
     return instantiate(cfg.trainer, **overrides)
 
 
-def data_module(cfg: DictConfig, root: Path, tokenizer, image_processor) -> PhoneDataModule:
-    """The tokenized splits (with screenshots when ``image_processor`` is given), set up."""
+def data_module(cfg: DictConfig, root: Path, tokenizer, image_processor, teacher_cache=None) -> PhoneDataModule:
+    """The tokenized splits (with screenshots when ``image_processor`` is given, with cached teacher targets when
+    ``teacher_cache`` is), set up."""
     encoder = ChatEncoder(tokenizer, image_processor, cfg.data.max_length)
     datamodule = PhoneDataModule(
-        root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed
+        root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed, teacher_cache
     )
     datamodule.setup()
     return datamodule
@@ -128,6 +131,7 @@ def fit(
     datamodule: PhoneDataModule,
     loss: DistillationLoss,
     teacher=None,
+    cache_temperature: float | None = None,
     max_steps: int | None = None,
     lr: float | None = None,
     warmup: int | None = None,
@@ -137,7 +141,14 @@ def fit(
     trained student (a new object when a callback pruned it to smaller tensors)."""
     optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
     scheduler = instantiate(cfg.scheduler, **({"num_warmup_steps": warmup} if warmup is not None else {}))
-    module = DistillModule(student=student, teacher=teacher, loss=loss, optimizer=optimizer, scheduler=scheduler)
+    module = DistillModule(
+        student=student,
+        teacher=teacher,
+        loss=loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        cache_temperature=cache_temperature,
+    )
     trainer = make_trainer(cfg, stage, max_steps)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -218,26 +229,36 @@ def run(cfg: DictConfig) -> dict:
         # 1. data
         root = prepare_data(cfg)
 
-        # 2. teacher (and with it the tokenizer and image processor)
-        teacher_path = cfg.teacher.path
+        # 2. teacher (and with it the tokenizer and image processor), or its cached targets
+        cache = None
+        if cfg.distill.teacher == "cache":
+            cache = TeacherCache(cfg.distill.cache.dir)
+            log.info("Training from the teacher cache %s (the teacher is not loaded)", cache.path)
+            summary["teacher_cache"] = {
+                k: cache.index[k] for k in ("k", "value_bits", "temperature", "bytes_per_token")
+            }
+        teacher_path = cache.path if cache is not None else cfg.teacher.path
         if teacher_path is None:
             teacher_path = out_dir / "teacher"
             if (teacher_path / "config.json").is_file():
                 log.info("Reusing the teacher trained earlier in this run dir: %s", teacher_path)
             else:
                 summary["stages"]["teacher_pretrain"] = train_scratch_teacher(cfg, root, teacher_path)
-        log.info("Instantiating teacher <%s> from %s", cfg.teacher.kind, teacher_path)
-        teacher = freeze(
-            load_pretrained(
-                str(teacher_path),
-                cfg.teacher.kind,
-                cfg.teacher.dtype,
-                cfg.teacher.trust_remote_code,
-                role="teacher",
+        teacher = None
+        if cache is None:
+            log.info("Instantiating teacher <%s> from %s", cfg.teacher.kind, teacher_path)
+            teacher = freeze(
+                load_pretrained(
+                    str(teacher_path),
+                    cfg.teacher.kind,
+                    cfg.teacher.dtype,
+                    cfg.teacher.trust_remote_code,
+                    role="teacher",
+                )
             )
-        )
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
-        image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if is_image_text(teacher) else None
+        teacher_images = cache.images if cache is not None else is_image_text(teacher)
+        image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if teacher_images else None
 
         # 3. student (seeded here and again for the baseline: both start from the same weights)
         pl.seed_everything(cfg.seed, workers=True)
@@ -246,9 +267,12 @@ def run(cfg: DictConfig) -> dict:
             data_module(cfg, root, tokenizer, image_processor) if cfg.student.init == "pruned_teacher" else None
         )
         student = build_student(cfg, tokenizer, teacher, calibration)
-        check_compatible(teacher, student, len(tokenizer))
-        use_images = is_image_text(teacher) and is_image_text(student)
-        datamodule = data_module(cfg, root, tokenizer, image_processor if use_images else None)
+        if cache is None:
+            check_compatible(teacher, student, len(tokenizer))
+        else:
+            check_cache_fits(cache, student, cfg.distill.loss.temperature)
+        use_images = teacher_images and is_image_text(student)
+        datamodule = data_module(cfg, root, tokenizer, image_processor if use_images else None, cache)
         encoder = datamodule.encoder
         summary["data"] = {
             "path": str(root),
@@ -256,11 +280,12 @@ def run(cfg: DictConfig) -> dict:
             "examples": {s: len(d) for s, d in datamodule.splits.items()},
             "skipped": {s: [str(b) for b in bad] for s, bad in datamodule.bad_examples.items()},
         }
+        teacher_params = cache.index["teacher"]["params"] if cache is not None else count_parameters(teacher)
         log.info(
             "Teacher %s params, student %s params (%.1fx smaller), images=%s",
-            f"{count_parameters(teacher):,}",
+            f"{teacher_params:,}",
             f"{count_parameters(student):,}",
-            count_parameters(teacher) / count_parameters(student),
+            teacher_params / count_parameters(student),
             use_images,
         )
 
@@ -274,12 +299,13 @@ def run(cfg: DictConfig) -> dict:
             datamodule,
             loss,
             teacher=teacher,
+            cache_temperature=cache.temperature if cache is not None else None,
             ckpt_path=ckpt_path,
         )
         save_model(out_dir / "student", student, tokenizer, image_processor)
         log.info("Saved the distilled student to %s", out_dir / "student")
         summary["student"] = student_record(cfg, student)
-        models = {"teacher": teacher, "student": student} if cfg.eval.teacher else {"student": student}
+        models = {"teacher": teacher, "student": student} if cfg.eval.teacher and teacher else {"student": student}
 
         # 5. baseline: same student architecture and seed, hard labels only
         if cfg.baseline:
@@ -351,6 +377,27 @@ def build_student(cfg: DictConfig, tokenizer, teacher=None, datamodule: PhoneDat
     return build_model(s.arch, OmegaConf.to_container(s.config), tokenizer).to(resolve_dtype(s.dtype))
 
 
+def check_cache_fits(cache: TeacherCache, student, temperature: float) -> None:
+    """The cached targets must be at the loss's temperature, over the student's vocabulary, and (with screenshots)
+    for an image-text student."""
+    if cache.temperature != temperature:
+        raise TeacherCacheError(
+            f"The teacher cache {cache.path} holds log-probs at temperature {cache.temperature} but "
+            f"distill.loss.temperature={temperature}: set distill.loss.temperature={cache.temperature} or rebuild the "
+            "cache with python -m autoglm_distill.cache_teacher at the new temperature."
+        )
+    if cache.index["vocab_size"] != vocab_size(student):
+        raise ModelLoadError(
+            f"The teacher cache {cache.path} is over a vocabulary of {cache.index['vocab_size']} tokens, the student "
+            f"has {vocab_size(student)} logits: the student must use the cached teacher's tokenizer."
+        )
+    if cache.images and not is_image_text(student):
+        raise TeacherCacheError(
+            f"The teacher cache {cache.path} was written with screenshots, but this student reads text only: rebuild "
+            "it (python -m autoglm_distill.cache_teacher) with this student config, or use an image-text student."
+        )
+
+
 def student_shape(s: DictConfig, teacher) -> Shape:
     """The shape student.init=pruned_teacher prunes the teacher to: the student preset's text dimensions."""
     preset = OmegaConf.to_container(s.config)
@@ -414,7 +461,7 @@ def evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir: Path) ->
             metrics.update(
                 teacher_forced(
                     model,
-                    None if name == "teacher" else teacher.to(device),
+                    None if name == "teacher" or teacher is None else teacher.to(device),
                     encoder,
                     data,
                     datamodule.root,

@@ -148,6 +148,6 @@ def test_bad_chunk_size_names_the_key(chunk_size) -> None:
         DistillationLoss(chunk_size=chunk_size)
 
 
-def test_auto_chunk_keeps_a_chunk_near_16m_logits() -> None:
-    assert DistillationLoss().chunk_tokens(151_552) == 110
+def test_auto_chunk_keeps_a_chunk_near_4m_logits() -> None:
+    assert DistillationLoss().chunk_tokens(151_552) == 27
     assert DistillationLoss(chunk_size=64).chunk_tokens(151_552) == 64

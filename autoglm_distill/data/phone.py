@@ -263,7 +263,33 @@ class Collator:
         if images:
             batch.update(self.encoder.pixels(images, self.root))
             batch["mm_token_type_ids"] = (input_ids == self.encoder.image_token_id).long()
+        if "teacher_topk" in examples[0]:  # cached teacher targets, supervised positions in batch order
+            ids, logp, rest = zip(*(e["teacher_topk"] for e in examples), strict=True)
+            batch.update(teacher_ids=torch.cat(ids), teacher_logp=torch.cat(logp), teacher_rest=torch.cat(rest))
         return batch
+
+
+class CachedSplit(torch.utils.data.Dataset):
+    """A split whose examples carry their cached teacher targets (``teacher_topk``: ids, log-probs, rest)."""
+
+    def __init__(self, rows: datasets.Dataset, cache, split: str):
+        cache.check_split(split, rows)
+        self.rows, self.cache, self.split = rows, cache, split
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        targets = self.cache.example(self.split, i)
+        supervised = sum(label != -100 for label in row["labels"][1:])
+        if len(targets[2]) != supervised:
+            raise ValueError(
+                f"{self.split} example {i} ({row['id']}) has {supervised} supervised tokens but the teacher cache "
+                f"holds {len(targets[2])}: the cache belongs to other data; rebuild it with "
+                "python -m autoglm_distill.cache_teacher and the training run's overrides."
+            )
+        return {**row, "teacher_topk": targets}
 
 
 class PhoneDataModule(pl.LightningDataModule):
@@ -276,6 +302,7 @@ class PhoneDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         on_bad_example: ``fail`` (default) or ``skip``.
         seed: shuffling seed of the training loader.
+        teacher_cache: a `TeacherCache`: train and val batches then carry the teacher's cached top-k targets.
     """
 
     def __init__(
@@ -286,8 +313,10 @@ class PhoneDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         on_bad_example: str = "fail",
         seed: int = 0,
+        teacher_cache=None,
     ):
         super().__init__()
+        self.teacher_cache = teacher_cache
         self.root = Path(path)
         if not self.root.is_dir():
             raise DataError(
@@ -312,8 +341,11 @@ class PhoneDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         generator = torch.Generator().manual_seed(self.seed)
+        rows = self.splits[split].with_format(None)
+        if self.teacher_cache is not None and split != "test":
+            rows = CachedSplit(rows, self.teacher_cache, split)
         return DataLoader(
-            self.splits[split].with_format(None),
+            rows,
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=generator,
