@@ -9,7 +9,7 @@ the teacher. A cache is a folder::
 
 Per token the k ids are sorted and delta-coded with a Rice code (quotients in unary, remainders in ``b`` bits, ``b``
 chosen per shard to minimise its size); the log-probs, in id order, are quantized to ``value_bits`` levels between
-the token's smallest and largest one (both fp16); the log of the leftover mass is fp16. Decoding renormalises the
+the token's smallest and largest one (both fp32); the log of the leftover mass is fp16. Decoding renormalises the
 ``k + 1`` buckets. The whole folder is written under a temporary name and moved into place when complete, and every
 shard is checked against its sha256 before use, so a truncated or corrupted shard is named, never used.
 """
@@ -74,11 +74,10 @@ def encode(ids: np.ndarray, logp: np.ndarray, rest: np.ndarray, value_bits: int)
     quotients = deltas >> np.uint64(b)
     unary = np.ones(int(quotients.sum()) + deltas.size, np.uint8)
     unary[np.cumsum(quotients + 1) - 1] = 0  # each quotient's run of ones ends in a zero
-    lo = logp.min(axis=1).astype(np.float16)
-    hi = logp.max(axis=1).astype(np.float16)
-    span = hi.astype(np.float32) - lo.astype(np.float32)
+    lo, hi = logp.min(axis=1), logp.max(axis=1)
+    span = hi - lo
     top = 2**value_bits - 1
-    scaled = (logp - lo.astype(np.float32)[:, None]) / np.where(span > 0, span, 1)[:, None]
+    scaled = (logp - lo[:, None]) / np.where(span > 0, span, 1)[:, None]
     levels = np.clip(np.rint(scaled * top), 0, top).astype(np.uint64)
     return {
         "header": np.array([n, k, b, value_bits, unary.size], np.int64),
