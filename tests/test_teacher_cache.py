@@ -120,7 +120,7 @@ def test_cache_holds_every_split_and_its_index_says_what_it_is(cache, teacher_ru
 
 
 def test_cached_targets_at_full_k_give_the_dense_teacher_loss(cache, teacher_run, tokenizer) -> None:
-    """k = V (the whole vocabulary) at 16 bits: the cached loss of a batch equals the live teacher's (quantization well under 1e-3)."""
+    """k = V (the whole vocabulary) at 16 bits: the cached loss of a batch equals the live teacher's."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     from autoglm_distill.run import data_module
