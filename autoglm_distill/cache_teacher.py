@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data.phone import SPLITS
+from autoglm_distill.losses import auto_chunk_tokens
 from autoglm_distill.models import count_parameters, freeze, is_image_text, load_pretrained, vocab_size
 from autoglm_distill.module import model_inputs
 from autoglm_distill.run import data_module, prepare_data
@@ -50,7 +51,7 @@ def cache_split(teacher, loader, split: str, writer: CacheWriter, k: int, temper
     device = next(teacher.parameters()).device
     task = progress.add_task(f"teacher on {split}", total=len(loader))
     decoder, head = teacher.model, teacher.get_output_embeddings()
-    chunk = max(1, 2**23 // head.weight.shape[0])
+    chunk = auto_chunk_tokens(head.weight.shape[0])
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
         hidden = decoder(**model_inputs(batch)).last_hidden_state[:, :-1]
@@ -58,15 +59,11 @@ def cache_split(teacher, loader, split: str, writer: CacheWriter, k: int, temper
         for row in range(hidden.shape[0]):
             states = hidden[row][mask[row]]
             parts = [top_k(head(states[i : i + chunk]), k, temperature) for i in range(0, len(states), chunk)]
-            ids, logp, rest = (torch.cat(p).cpu().numpy() for p in zip(*parts, strict=True)) if parts else _empty(k)
+            if not parts:  # an example with no supervised token
+                parts = [(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))]
+            ids, logp, rest = (torch.cat(p).cpu().numpy() for p in zip(*parts, strict=True))
             writer.add(split, ids, logp, rest)
         progress.advance(task)
-
-
-def _empty(k: int):
-    import numpy as np
-
-    return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros(0, np.float32)
 
 
 def build_cache(cfg: DictConfig) -> dict:
@@ -97,6 +94,7 @@ def build_cache(cfg: DictConfig) -> dict:
             f"distill.cache.k={k}: must be between 1 and the vocabulary size {vocab_size(teacher)}."
         )
     started = time.perf_counter()
+    index: dict = {}
 
     def write(folder: Path) -> None:
         writer = CacheWriter(folder, value_bits=int(settings.value_bits), shard_tokens=int(settings.shard_tokens))
@@ -119,10 +117,9 @@ def build_cache(cfg: DictConfig) -> dict:
             "data": {s: {"examples": len(d), "fingerprint": fingerprint(d)} for s, d in datamodule.splits.items()},
             "seconds": round(time.perf_counter() - started, 1),
         }
-        write.index = writer.finish(info)
+        index.update(writer.finish(info))
 
     save_dir_atomic(out, write)
-    index = write.index
     log.info(
         "Teacher cache %s: %d tokens, %.1f bytes/token (k=%d, %d-bit values, T=%s), %.0f s",
         out, index["tokens"], index["bytes_per_token"], k, index["value_bits"], temperature, index["seconds"],

@@ -241,9 +241,16 @@ class DistillationLoss(nn.Module):
 
     def chunk_tokens(self, vocab_size: int) -> int:
         """Tokens per chunk for a vocabulary of ``vocab_size``."""
-        if self.chunk_size == "auto":
-            return max(1, 2**22 // vocab_size)
-        return int(self.chunk_size)
+        return auto_chunk_tokens(vocab_size) if self.chunk_size == "auto" else int(self.chunk_size)
+
+    def check_cache_temperature(self, temperature: float) -> None:
+        """Cached top-k targets hold log-probs at one temperature, which must be this loss's."""
+        if temperature != self.temperature:
+            raise ValueError(
+                f"The teacher cache holds log-probs at temperature {temperature} but "
+                f"distill.loss.temperature={self.temperature}: set distill.loss.temperature={temperature} "
+                "or rebuild the cache with python -m autoglm_distill.cache_teacher at the new temperature."
+            )
 
     def forward(self, student_logits: Tensor, labels: Tensor, teacher: Teacher | None = None) -> DistillationLossOutput:
         """The naive loss from full student logits ``[B, T, V]`` (or ``[N, V]``); see the class docstring."""
@@ -291,12 +298,8 @@ class DistillationLoss(nn.Module):
     def _mask(self, labels: Tensor, teacher: Teacher | None) -> Tensor:
         if teacher is None and self.alpha > 0:
             raise ValueError(f"a teacher is required when alpha > 0 (alpha={self.alpha}).")
-        if isinstance(teacher, TopKTargets) and teacher.temperature != self.temperature:
-            raise ValueError(
-                f"The teacher cache holds log-probs at temperature {teacher.temperature} but "
-                f"distill.loss.temperature={self.temperature}: set distill.loss.temperature={teacher.temperature} "
-                "or rebuild the cache with python -m autoglm_distill.cache_teacher at the new temperature."
-            )
+        if isinstance(teacher, TopKTargets):
+            self.check_cache_temperature(teacher.temperature)
         return labels != self.ignore_index
 
     @staticmethod
@@ -324,6 +327,11 @@ class DistillationLoss(nn.Module):
             kd = divergence(log_q, log_p, self.kind, self.beta, self.skew).sum()
         agree = (student.detach().argmax(-1) == teacher_top).sum()
         return kd, ce, agree
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk that keep one chunk's logits near 2**22 values (27 tokens at V=151,552)."""
+    return max(1, 2**22 // vocab_size)
 
 
 def _collapse(student: Tensor, teacher: TopKTargets, temperature: float) -> tuple[Tensor, Tensor]:

@@ -99,10 +99,9 @@ class DistillModule(pl.LightningModule):
             return None
         with torch.inference_mode():
             if not chunked:
-                return self.teacher(**inputs).logits[:, :-1].clone()
+                return self.teacher(**inputs).logits[:, :-1]
             hidden = self.teacher.model(**inputs).last_hidden_state[:, :-1]
-        # Cloned out of inference mode: autograd may read what the student's loss is computed from.
-        return HeadTargets(hidden.clone(), self.teacher.get_output_embeddings().weight)
+        return HeadTargets(hidden, self.teacher.get_output_embeddings().weight)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> DistillationLossOutput:
         inputs = model_inputs(batch)

@@ -270,7 +270,7 @@ def run(cfg: DictConfig) -> dict:
         if cache is None:
             check_compatible(teacher, student, len(tokenizer))
         else:
-            check_cache_fits(cache, student, cfg.distill.loss.temperature)
+            check_cache_fits(cache, student)
         use_images = teacher_images and is_image_text(student)
         datamodule = data_module(cfg, root, tokenizer, image_processor if use_images else None, cache)
         encoder = datamodule.encoder
@@ -292,6 +292,8 @@ def run(cfg: DictConfig) -> dict:
         # 4. distill
         log.info("Instantiating loss <%s>", cfg.distill.loss.kind)
         loss = instantiate(cfg.distill.loss)
+        if cache is not None:
+            loss.check_cache_temperature(cache.temperature)  # before training, not at its first step
         summary["stages"]["distill"], student = fit(
             cfg,
             "distill",
@@ -377,15 +379,8 @@ def build_student(cfg: DictConfig, tokenizer, teacher=None, datamodule: PhoneDat
     return build_model(s.arch, OmegaConf.to_container(s.config), tokenizer).to(resolve_dtype(s.dtype))
 
 
-def check_cache_fits(cache: TeacherCache, student, temperature: float) -> None:
-    """The cached targets must be at the loss's temperature, over the student's vocabulary, and (with screenshots)
-    for an image-text student."""
-    if cache.temperature != temperature:
-        raise TeacherCacheError(
-            f"The teacher cache {cache.path} holds log-probs at temperature {cache.temperature} but "
-            f"distill.loss.temperature={temperature}: set distill.loss.temperature={cache.temperature} or rebuild the "
-            "cache with python -m autoglm_distill.cache_teacher at the new temperature."
-        )
+def check_cache_fits(cache: TeacherCache, student) -> None:
+    """The cached targets must be over the student's vocabulary, and (with screenshots) for an image-text student."""
     if cache.index["vocab_size"] != vocab_size(student):
         raise ModelLoadError(
             f"The teacher cache {cache.path} is over a vocabulary of {cache.index['vocab_size']} tokens, the student "

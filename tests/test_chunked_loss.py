@@ -151,3 +151,36 @@ def test_bad_chunk_size_names_the_key(chunk_size) -> None:
 def test_auto_chunk_keeps_a_chunk_near_4m_logits() -> None:
     assert DistillationLoss().chunk_tokens(151_552) == 27
     assert DistillationLoss(chunk_size=64).chunk_tokens(151_552) == 64
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_the_training_step_gives_the_same_loss_and_gradients_chunked_or_from_full_logits(alpha: float) -> None:
+    """Through DistillModule with a live teacher (run under inference_mode): chunk_size=auto vs null."""
+    import functools
+
+    from transformers import Glm4Config, Glm4ForCausalLM
+
+    from autoglm_distill.module import DistillModule
+
+    shape = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    teacher = Glm4ForCausalLM(Glm4Config(**shape)).eval().requires_grad_(False)
+    student = Glm4ForCausalLM(Glm4Config(**shape))
+    input_ids = torch.randint(2, V, (B, T))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    results = []
+    for chunk_size in (None, "auto"):
+        loss = DistillationLoss(alpha=alpha, chunk_size=chunk_size)
+        module = DistillModule(student, loss, functools.partial(torch.optim.AdamW), None, teacher)
+        student.zero_grad()
+        out = module._forward(batch)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in student.parameters()]))
+    (naive_out, naive_grads), (chunked_out, chunked_grads) = results
+    close(chunked_out.loss, naive_out.loss)
+    assert chunked_out.agree == naive_out.agree
+    for got, expected in zip(chunked_grads, naive_grads, strict=True):
+        close(got, expected)

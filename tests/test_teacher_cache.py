@@ -167,11 +167,16 @@ def test_an_existing_cache_is_kept(cache, teacher_run) -> None:
     assert (cache / "index.json").read_text() == before
 
 
-def test_a_corrupted_shard_is_named(cache, tmp_path) -> None:
+def copy_of(cache: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     copy.mkdir()
     for file in cache.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
+    return copy
+
+
+def test_a_corrupted_shard_is_named(cache, tmp_path) -> None:
+    copy = copy_of(cache, tmp_path)
     shard = copy / "train-00000.npz"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
@@ -182,10 +187,7 @@ def test_a_corrupted_shard_is_named(cache, tmp_path) -> None:
 
 
 def test_a_truncated_shard_is_named_when_the_cache_is_opened(cache, tmp_path) -> None:
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in cache.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
+    copy = copy_of(cache, tmp_path)
     shard = copy / "val-00000.npz"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(TeacherCacheError, match=r"val-00000.npz is truncated or overwritten.*cache_teacher"):
