@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -52,8 +54,30 @@ def export_name(student: str) -> str:
     return path.name
 
 
+def sweep_group(run_name: str) -> str | None:
+    """The W&B group of a run: ``<run name>-<sweep folder>`` for every run of one ``--multirun`` sweep, else none."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"{run_name}-{Path(hydra_cfg.sweep.dir).name}"
+
+
+def job_label(run_name: str) -> str:
+    """The W&B name of a run: the run name, and in a sweep the values this run sweeps (``distill.loss.alpha=0.5``)."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return run_name
+    return f"{run_name}[{hydra_cfg.job.override_dirname or hydra_cfg.job.num}]"
+
+
 def register_resolvers() -> None:
-    for name, fn in (("best_precision", best_precision), ("export_name", export_name)):
+    resolvers = (
+        ("best_precision", best_precision),
+        ("export_name", export_name),
+        ("sweep_group", sweep_group),
+        ("job_label", job_label),
+    )
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

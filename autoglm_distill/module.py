@@ -121,13 +121,15 @@ class DistillModule(pl.LightningModule):
                 "keep gradient clipping on (trainer.gradient_clip_val) or use fp32 (trainer.precision=32-true). "
                 "The last checkpoint before this step is kept."
             )
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/ce", out.ce)
+        # Averaged over the processes under DDP/FSDP/DeepSpeed (each rank's loss is over its own batch).
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log("train/ce", out.ce, sync_dist=True)
         if self.has_teacher:
-            self.log("train/kd", out.kd)
+            self.log("train/kd", out.kd, sync_dist=True)
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Token-weighted means in torchmetrics objects: reduced over every process's share of the split.
         out = self._forward(batch)
         self.val_ce.update(out.ce, weight=out.num_tokens)
         self.log("val/ce", self.val_ce, prog_bar=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoImageProcessor, AutoTokenizer
@@ -48,9 +51,17 @@ from autoglm_distill.models import (
     vocab_size,
 )
 from autoglm_distill.module import DistillModule
+from autoglm_distill.strategies import trained_student
 from autoglm_distill.teacher_cache import TeacherCache, TeacherCacheError
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
-from autoglm_distill.utils import rank_zero_logger, save_dir_atomic, write_json_atomic
+from autoglm_distill.utils import (
+    install_secret_filter,
+    rank_zero_logger,
+    redact,
+    redact_files,
+    save_dir_atomic,
+    write_json_atomic,
+)
 
 log = rank_zero_logger(__name__)
 
@@ -58,11 +69,14 @@ log = rank_zero_logger(__name__)
 # --- stage helpers ---------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: DictConfig) -> Path:
-    """The data folder; generated first when ``data.generate`` is set (reused if already there)."""
+def prepare_data(cfg: DictConfig, wait_s: float = 1800.0) -> Path:
+    """The data folder; generated first when ``data.generate`` is set (reused if already there). With several
+    processes, rank 0 generates it and the others wait for it (torchrun and SLURM start them all at once)."""
     root = Path(cfg.data.path)
     if cfg.data.generate is not None:
         gen = cfg.data.generate
+        if rank_zero_only.rank != 0:
+            wait_for(root / synth.META_FILE, wait_s, f"rank 0 to generate the data in {root}")
         log.info("Generating synthetic phone tasks in %s (reused when the parameters match)", root)
         synth.generate(
             root,
@@ -74,6 +88,17 @@ def prepare_data(cfg: DictConfig) -> Path:
             image_size=tuple(gen.image_size),
         )
     return root
+
+
+def wait_for(path: Path, timeout_s: float, what: str) -> None:
+    """Block until ``path`` exists (another process is making it), failing after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Waited {timeout_s:.0f} s for {what} ({path} never appeared): check rank 0's log for its error."
+            )
+        time.sleep(1.0)
 
 
 def start_loggers(cfg: DictConfig, prefix: str = "") -> list:
@@ -136,9 +161,11 @@ def fit(
     lr: float | None = None,
     warmup: int | None = None,
     ckpt_path: str | None = None,
+    save: Callable[[Any], None] | None = None,
 ) -> tuple[dict, Any]:
     """Train ``student`` (against ``teacher`` when given) for one stage; returns the stage's final metrics and the
-    trained student (a new object when a callback pruned it to smaller tensors)."""
+    trained student (a new object when a callback pruned it to smaller tensors, or gathered whole from a sharded
+    strategy). ``save(student)`` runs on rank 0 only, and every rank waits for it before going on."""
     optimizer = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
     scheduler = instantiate(cfg.scheduler, **({"num_warmup_steps": warmup} if warmup is not None else {}))
     module = DistillModule(
@@ -151,10 +178,17 @@ def fit(
     )
     trainer = make_trainer(cfg, stage, max_steps)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    metrics.update(steps=trainer.global_step, seconds=round(time.perf_counter() - started, 1))
-    return metrics, module.student
+    metrics.update(
+        steps=trainer.global_step, seconds=round(time.perf_counter() - started, 1), world_size=trainer.world_size
+    )
+    student = trained_student(trainer, module)
+    if save is not None:
+        if trainer.is_global_zero:
+            save(student)
+        trainer.strategy.barrier(f"{stage} saved")
+    return metrics, student
 
 
 def resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -218,6 +252,10 @@ def run(cfg: DictConfig) -> dict:
     """Run every stage of ``cfg``; returns the summary (also written to <run dir>/summary.json)."""
     config_lib.validate(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    install_secret_filter()
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
+        redact_files(out_dir / HydraConfig.get().output_subdir)  # Hydra's dump of the config and the overrides
+    rank_zero = rank_zero_only.rank == 0  # several processes (trainer=ddp ...): only rank 0 writes files
     ckpt_path = resolve_ckpt(cfg.ckpt_path, out_dir)  # fail before any work when it is missing
     summary: dict[str, Any] = {"run_name": cfg.run_name, "status": "running", "stages": {}}
     summary_path = out_dir / "summary.json"
@@ -225,7 +263,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         # The W&B run starts now with the config, so even a failed load is recorded.
         for logger in start_loggers(cfg):
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
         # 1. data
         root = prepare_data(cfg)
 
@@ -239,9 +277,9 @@ def run(cfg: DictConfig) -> dict:
             }
         teacher_path = cache.path if cache is not None else cfg.teacher.path
         if teacher_path is None:
-            teacher_path = out_dir / "teacher"
+            teacher_path = Path(cfg.teacher.scratch.save_dir)
             if (teacher_path / "config.json").is_file():
-                log.info("Reusing the teacher trained earlier in this run dir: %s", teacher_path)
+                log.info("Reusing the teacher trained earlier: %s", teacher_path)
             else:
                 summary["stages"]["teacher_pretrain"] = train_scratch_teacher(cfg, root, teacher_path)
         teacher = None
@@ -303,8 +341,8 @@ def run(cfg: DictConfig) -> dict:
             teacher=teacher,
             cache_temperature=cache.temperature if cache is not None else None,
             ckpt_path=ckpt_path,
+            save=lambda model: save_model(out_dir / "student", model, tokenizer, image_processor),
         )
-        save_model(out_dir / "student", student, tokenizer, image_processor)
         log.info("Saved the distilled student to %s", out_dir / "student")
         summary["student"] = student_record(cfg, student)
         models = {"teacher": teacher, "student": student} if cfg.eval.teacher and teacher else {"student": student}
@@ -314,9 +352,18 @@ def run(cfg: DictConfig) -> dict:
             pl.seed_everything(cfg.seed, workers=True)
             baseline = build_student(cfg, tokenizer, teacher, calibration)
             hard = DistillationLoss(kind=loss.kind, temperature=loss.temperature, alpha=0.0)
-            summary["stages"]["baseline"], baseline = fit(cfg, "baseline", baseline, datamodule, hard)
-            save_model(out_dir / "baseline", baseline, tokenizer, image_processor)
+            summary["stages"]["baseline"], baseline = fit(
+                cfg,
+                "baseline",
+                baseline,
+                datamodule,
+                hard,
+                save=lambda model: save_model(out_dir / "baseline", model, tokenizer, image_processor),
+            )
             models["baseline"] = baseline
+        if not rank_zero:  # the other processes only train; rank 0 evaluates, exports and writes the summary
+            summary["status"] = "completed"
+            return summary
 
         # 6. evaluate
         summary["eval"] = evaluate_models(cfg, models, teacher, encoder, datamodule, out_dir)
@@ -332,9 +379,10 @@ def run(cfg: DictConfig) -> dict:
         summary["error"] = f"{type(err).__name__}: {err}"
         raise
     finally:
-        summary["config"] = OmegaConf.to_container(cfg, resolve=True)
-        write_json_atomic(summary_path, summary)
-        finish_wandb(summary)
+        if rank_zero:
+            summary["config"] = OmegaConf.to_container(cfg, resolve=True)
+            write_json_atomic(summary_path, redact(summary))
+            finish_wandb(summary)
 
 
 def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
@@ -349,7 +397,7 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
     model = build_model(scratch.arch, OmegaConf.to_container(scratch.config), tokenizer)
     datamodule = data_module(cfg, root, tokenizer, image_processor)
     hard = DistillationLoss(alpha=0.0)
-    metrics, model = fit(
+    metrics, _ = fit(
         cfg,
         "teacher_pretrain",
         model,
@@ -358,8 +406,8 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
         max_steps=scratch.max_steps,
         lr=scratch.lr,
         warmup=scratch.warmup_steps,
+        save=lambda trained: save_model(path, trained, tokenizer, image_processor),
     )
-    save_model(path, model, tokenizer, image_processor)
     return metrics
 
 

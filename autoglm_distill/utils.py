@@ -1,10 +1,11 @@
-"""Small helpers: atomic writes and rank-aware logging."""
+"""Small helpers: atomic writes, rank-aware logging, and keeping secrets out of everything the run writes."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -67,3 +68,73 @@ def save_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+# Environment variables that hold credentials (WANDB_API_KEY, HF_TOKEN, ...) and config keys that name one.
+SECRET_ENV = re.compile(r".*(API_KEY|TOKEN|SECRET|PASSWORD).*", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(.*_)?(api_key|secret|password)|(hf_|hub_|auth_|access_|api_)?token", re.IGNORECASE)
+# A `key: value` or `key=value` line of a YAML dump or an override list.
+YAML_ITEM = re.compile(r"^(\s*-?\s*\+*(?:[\w~]+\.)*([\w~]+)\s*[:=]\s*)(\S.*)$")
+MASK = "***"
+
+
+def secret_values() -> list[str]:
+    """The values of this process's credential environment variables (at least 8 characters: not flags)."""
+    return sorted({v for k, v in os.environ.items() if SECRET_ENV.fullmatch(k) and len(v) >= 8}, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """``obj`` (a resolved config or summary) with credentials masked: every value under a key such as ``api_key``,
+    ``hf_token`` or ``password``, and every occurrence of a credential environment variable's value."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, dict):
+        return {
+            k: MASK if SECRET_KEY.fullmatch(str(k)) and isinstance(v, str) and v else redact(v, secrets)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return type(obj)(redact(v, secrets) for v in obj)
+    if isinstance(obj, str):
+        return redact_text(obj, secrets)
+    return obj
+
+
+class RedactSecrets(logging.Filter):
+    """Masks credential values in every log record that passes through a handler (console and Hydra's log file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = secret_values()
+        message = record.getMessage()
+        if any(secret in message for secret in secrets):
+            record.msg, record.args = redact_text(message, secrets), None
+        return True
+
+
+def install_secret_filter() -> None:
+    """Attach `RedactSecrets` to the root logger's handlers (once)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
+
+
+def redact_files(folder: str | Path, secrets: list[str] | None = None) -> None:
+    """Rewrite the text files in ``folder`` (Hydra's config dump: config.yaml, overrides.yaml, hydra.yaml) with
+    credentials masked, so that a token passed on the command line is not left on disk."""
+    secrets = secret_values() if secrets is None else secrets
+    for path in Path(folder).glob("*.yaml"):
+        text = path.read_text()
+        lines = []
+        for line in redact_text(text, secrets).splitlines(keepends=True):
+            item = YAML_ITEM.match(line)
+            if item and SECRET_KEY.fullmatch(item.group(2)) and item.group(3).strip() not in ("null", "~"):
+                line = item.group(1) + MASK + "\n"
+            lines.append(line)
+        clean = "".join(lines)
+        if clean != text:
+            path.write_text(clean)

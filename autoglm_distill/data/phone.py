@@ -26,7 +26,8 @@ import datasets
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -331,26 +332,40 @@ class PhoneDataModule(pl.LightningDataModule):
                 )
                 log.info("%s: %d examples (%d skipped)", split, len(self.splits[split]), len(self.bad_examples[split]))
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
+        # Stateful: Lightning saves the loader's position (and its shuffling generator) in each checkpoint, so a run
+        # resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
         self.setup()
         generator = torch.Generator().manual_seed(self.seed)
         rows = self.splits[split].with_format(None)
         if self.teacher_cache is not None and split != "test":
             rows = CachedSplit(rows, self.teacher_cache, split)
-        return DataLoader(
+        sampler = None
+        if shuffle:
+            # Epoch e's order is the permutation drawn from seed + e (Lightning calls set_epoch), the same after a
+            # resume; under DDP each rank takes its share of it.
+            trainer = self.trainer
+            sampler = DistributedSampler(
+                rows,
+                num_replicas=trainer.world_size if trainer else 1,
+                rank=trainer.global_rank if trainer else 0,
+                shuffle=True,
+                seed=self.seed,
+            )
+        return StatefulDataLoader(
             rows,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
             collate_fn=self.collate,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader("test", shuffle=False)

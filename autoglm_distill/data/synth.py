@@ -24,6 +24,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 FORMAT_VERSION = 1
+# The parameters a folder was generated with; the folder appears whole (renamed into place), this file with it.
+META_FILE = "synth_meta.json"
 SPLITS = ("train", "val", "test")
 SYSTEM_PROMPT = (
     "You operate a phone. Reply <think>why</think><answer>ACTION</answer>; ACTION is "
@@ -320,12 +322,12 @@ def _write(folder: Path, params: dict) -> None:
                 render(ex, tuple(params["image_size"])).save(folder / "images" / f"{ex_id}.png")
             lines.append(json.dumps(_record(ex_id, ex, params["images"]), ensure_ascii=False) + "\n")
         (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    (folder / "synth_meta.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+    (folder / META_FILE).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
 
 
 def _read_meta(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "synth_meta.json").read_text(encoding="utf-8"))
+        return json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -373,7 +375,7 @@ def generate(
         existing = _read_meta(out)
         if existing == params:
             return out
-        what = "data generated with different parameters" if existing else "other data (no synth_meta.json)"
+        what = "data generated with different parameters" if existing else f"other data (no {META_FILE})"
         raise FileExistsError(
             f"{out} already holds {what}:\n  existing:  {existing}\n  requested: {params}\n"
             "Pick another --out or delete that folder."
