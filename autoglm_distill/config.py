@@ -63,11 +63,11 @@ def sweep_group(run_name: str) -> str | None:
 
 
 def job_label(run_name: str) -> str:
-    """The W&B name of a run: the run name, and in a sweep the values this run sweeps (``distill.loss.alpha=0.5``)."""
+    """The W&B name of a run: the run name, in a sweep followed by the job number (its folder in the sweep dir)."""
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
         return run_name
-    return f"{run_name}[{hydra_cfg.job.override_dirname or hydra_cfg.job.num}]"
+    return f"{run_name}-{hydra_cfg.job.num}"
 
 
 def register_resolvers() -> None:
