@@ -97,7 +97,8 @@ def load_pretrained(
         path: hub id (``zai-org/AutoGLM-Phone-9B``) or a local folder.
         kind: ``image_text`` or ``causal_lm``: which Auto class loads it; ``auto`` reads config.json.
         dtype: ``auto`` | ``float32`` | ``bfloat16`` | ``float16``.
-        trust_remote_code: passed through; off unless the user turns it on.
+        trust_remote_code: passed through; off unless the user turns it on (logged as a warning when on).
+    Weights load from safetensors only.
         role: ``teacher`` or ``student``, for messages.
     """
     if trust_remote_code:
@@ -118,6 +119,7 @@ def load_pretrained(
             source,
             dtype=resolve_dtype(dtype),
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights (pytorch_model.bin can run code)
         )
     except (OSError, ValueError) as err:
         hint = (
@@ -125,7 +127,9 @@ def load_pretrained(
             f"reachable (`hf download {path} --local-dir /models/{Path(path).name}`) and run with "
             f"{role}.path=/models/{Path(path).name}."
             if not looks_local
-            else f"Check that {path} holds the weights of a {kind} model ({role}.kind={kind})."
+            else f"Check that {path} holds the weights of a {kind} model ({role}.kind={kind}) as safetensors "
+            "(model.safetensors): weights only in pytorch_model.bin are not loaded, since unpickling them can run "
+            "code; convert them once where you trust the file (from_pretrained(...).save_pretrained(folder))."
         )
         raise ModelLoadError(f"Could not load the {role} from {path!r}: {err}\n{hint}") from err
 

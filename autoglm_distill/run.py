@@ -56,6 +56,7 @@ from autoglm_distill.teacher_cache import TeacherCache, TeacherCacheError
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
 from autoglm_distill.utils import (
     install_secret_filter,
+    masked_argv,
     rank_zero_logger,
     redact,
     redact_files,
@@ -262,8 +263,9 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     try:
         # The W&B run starts now with the config, so even a failed load is recorded.
-        for logger in start_loggers(cfg):
-            logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
+        with masked_argv():
+            for logger in start_loggers(cfg):
+                logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
         # 1. data
         root = prepare_data(cfg)
 

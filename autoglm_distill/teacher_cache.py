@@ -221,6 +221,10 @@ class TeacherCache:
         self._shards: dict[str, list[dict]] = {}
         for shard in self.index["shards"]:
             file = self.path / shard["file"]
+            if not file.resolve().is_relative_to(self.path.resolve()):
+                raise TeacherCacheError(
+                    f"{index_path} names a shard outside the cache folder ({shard['file']}): {REBUILD}."
+                )
             if not file.is_file():
                 raise TeacherCacheError(f"Teacher cache shard {file} is missing: {REBUILD}.")
             if file.stat().st_size != shard["bytes"]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +75,9 @@ def save_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
 # Environment variables that hold credentials (WANDB_API_KEY, HF_TOKEN, ...) and config keys that name one.
 SECRET_ENV = re.compile(r".*(API_KEY|TOKEN|SECRET|PASSWORD).*", re.IGNORECASE)
 SECRET_KEY = re.compile(r"(.*_)?(api_key|secret|password)|(hf_|hub_|auth_|access_|api_)?token", re.IGNORECASE)
-# A `key: value` or `key=value` line of a YAML dump or an override list.
-YAML_ITEM = re.compile(r"^(\s*-?\s*\+*(?:[\w~]+\.)*([\w~]+)\s*[:=]\s*)(\S.*)$")
+# `name=value` (an override, also inside Hydra's override_dirname) and a YAML `name: value` line.
+ASSIGNMENT = re.compile(r"([\w.~]*?([\w~]+)=)([^,\s]+)")
+YAML_ITEM = re.compile(r"^(\s*-?\s*([\w~]+)\s*:\s*)(\S.*)$")
 MASK = "***"
 
 
@@ -123,18 +126,33 @@ def install_secret_filter() -> None:
             handler.addFilter(RedactSecrets())
 
 
+def redact_line(line: str, secrets: list[str]) -> str:
+    """A line of text or a command-line argument with credential values and values of secret-named keys masked."""
+    line = ASSIGNMENT.sub(lambda m: m[1] + MASK if SECRET_KEY.fullmatch(m[2]) else m[0], redact_text(line, secrets))
+    item = YAML_ITEM.match(line)
+    if item and SECRET_KEY.fullmatch(item[2]) and item[3].strip() not in ("null", "~"):
+        line = item[1] + MASK
+    return line
+
+
 def redact_files(folder: str | Path, secrets: list[str] | None = None) -> None:
-    """Rewrite the text files in ``folder`` (Hydra's config dump: config.yaml, overrides.yaml, hydra.yaml) with
+    """Rewrite the YAML files in ``folder`` (Hydra's config dump: config.yaml, overrides.yaml, hydra.yaml) with
     credentials masked, so that a token passed on the command line is not left on disk."""
     secrets = secret_values() if secrets is None else secrets
     for path in Path(folder).glob("*.yaml"):
         text = path.read_text()
-        lines = []
-        for line in redact_text(text, secrets).splitlines(keepends=True):
-            item = YAML_ITEM.match(line)
-            if item and SECRET_KEY.fullmatch(item.group(2)) and item.group(3).strip() not in ("null", "~"):
-                line = item.group(1) + MASK + "\n"
-            lines.append(line)
-        clean = "".join(lines)
+        clean = "".join(redact_line(line, secrets) + "\n" for line in text.splitlines())
         if clean != text:
             path.write_text(clean)
+
+
+@contextlib.contextmanager
+def masked_argv() -> Iterator[None]:
+    """``sys.argv`` with secrets masked while the block runs: W&B records the command line when its run starts."""
+    original = sys.argv[:]
+    secrets = secret_values()
+    sys.argv[1:] = [redact_line(arg, secrets) for arg in original[1:]]
+    try:
+        yield
+    finally:
+        sys.argv[:] = original
