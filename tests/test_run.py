@@ -181,6 +181,10 @@ def test_multirun_sweeps_each_run_into_its_own_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     temperatures = sorted(read_summary(tmp_path / str(i))["config"]["distill"]["loss"]["temperature"] for i in (0, 1))
     assert temperatures == [1.0, 4.0]
+    # The Hydra callback wrote the sweep's report once both runs were done.
+    report = json.loads((tmp_path / "sweep_report.json").read_text())
+    assert report["swept"] == ["distill.loss.temperature"] and len(report["runs"]) == 2
+    assert (tmp_path / "sweep_report.png").is_file()
 
 
 def test_built_wheel_carries_conf_and_recipes(tmp_path):
