@@ -44,6 +44,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is as readable as any output
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
