@@ -35,7 +35,8 @@ def test_layout_has_every_group_and_the_required_recipes():
 
 @pytest.mark.parametrize("recipe", recipes())
 def test_recipe_composes_and_resolves(recipe, tmp_path):
-    cfg = compose_config([f"recipe={recipe}"], tmp_path)
+    # (the sweep folder is set here because compose() does not resolve Hydra's own defaults for it; the CLI does)
+    cfg = compose_config([f"recipe={recipe}", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     OmegaConf.resolve(cfg)
     config_lib.validate(cfg)
     assert cfg.run_name == recipe
