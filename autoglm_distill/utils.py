@@ -33,6 +33,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
         json.dump(obj, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it private; the result is as readable as any output
     os.replace(f.name, path)
     return path
 
