@@ -333,8 +333,8 @@ class PhoneDataModule(pl.LightningDataModule):
                 log.info("%s: %d examples (%d skipped)", split, len(self.splits[split]), len(self.bad_examples[split]))
 
     def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
-        # Stateful: Lightning saves the loader's position (and its shuffling generator) in each checkpoint, so a run
-        # resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
+        # Stateful: Lightning saves the loader's position in the epoch with each checkpoint, so a run resumed
+        # mid-epoch sees exactly the batches the uninterrupted run would have seen.
         self.setup()
         generator = torch.Generator().manual_seed(self.seed)
         rows = self.splits[split].with_format(None)
