@@ -7,11 +7,8 @@ saves in the checkpoint and restores on resume (see `autoglm_distill.data.phone.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +18,7 @@ import torch.distributed as dist
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 
-from autoglm_distill.utils import rank_zero_logger
+from autoglm_distill.utils import rank_zero_logger, write_file_atomic
 
 log = rank_zero_logger(__name__)
 
@@ -36,19 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (``weights_only=True``): a checkpoint can only carry tensors and plain Python values."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is as readable as any output
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         try:

@@ -54,20 +54,22 @@ def export_name(student: str) -> str:
     return path.name
 
 
+def _sweep_job():
+    """Hydra's config of this job when it is one run of a ``--multirun`` sweep, else None."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    return hydra_cfg if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
 def sweep_group(run_name: str) -> str | None:
     """The W&B group of a run: ``<run name>-<sweep folder>`` for every run of one ``--multirun`` sweep, else none."""
-    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return f"{run_name}-{Path(hydra_cfg.sweep.dir).name}"
+    job = _sweep_job()
+    return f"{run_name}-{Path(job.sweep.dir).name}" if job else None
 
 
 def job_label(run_name: str) -> str:
     """The W&B name of a run: the run name, in a sweep followed by the job number (its folder in the sweep dir)."""
-    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
-        return run_name
-    return f"{run_name}-{hydra_cfg.job.num}"
+    job = _sweep_job()
+    return f"{run_name}-{job.job.num}" if job else run_name
 
 
 def register_resolvers() -> None:

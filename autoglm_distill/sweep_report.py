@@ -65,8 +65,8 @@ def metric_value(summary: dict, metric: str) -> float | None:
     parts = metric.split("/")
     if len(parts) == 3 and parts[1] in summary.get("eval", {}):
         split, model, name = parts
-        return summary["eval"][model].get(split, {}).get(name)
-    return summary.get("stages", {}).get("distill", {}).get(metric)
+        return dig(summary, ("eval", model, split, name))
+    return dig(summary, ("stages", "distill", metric))
 
 
 def dig(obj: dict, path: tuple[str, ...]) -> Any:

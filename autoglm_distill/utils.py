@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -25,17 +25,28 @@ def rank_zero_logger(name: str) -> logging.Logger:
     return logger
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+def write_file_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it and rename it over ``path``: readers (and a
+    rerun after kill -9) see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it private; the result is as readable as any output
-    os.replace(f.name, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the result is as readable as any output
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (`write_file_atomic`)."""
+    return write_file_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def sha256_of(path: str | Path) -> str:

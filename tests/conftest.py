@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +89,17 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
         text=True,
         timeout=timeout,
     )
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def logged(run_dir: Path, column: str) -> dict[int, str]:
+    """step -> ``column`` exactly as logged (the CSV text) by every CSV log in the run dir (logger=csv)."""
+    values = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get(column):
+                values[int(row["step"])] = row[column]
+    return values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,17 +15,7 @@ from transformers.models.glm4v.modeling_glm4v import Glm4vTextDecoderLayer, Glm4
 
 from autoglm_distill.strategies import DistillFSDPStrategy
 
-from .conftest import compose_config, run_cli
-
-
-def csv_rows(run_dir: Path, column: str) -> dict[int, float]:
-    """step -> value of ``column`` from the distill stage's CSV log."""
-    values = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get(column):
-                values[int(row["step"])] = float(row[column])
-    return values
+from .conftest import compose_config, logged, read_summary, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +43,13 @@ def test_ddp_reduces_the_loss_and_metrics_across_both_ranks(ddp_run):
     run_dir, probe = ddp_run
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert summary["stages"]["distill"]["world_size"] == 2
     # Each rank took 12 of the 24 training examples per epoch: 3 batches, so 4 steps cross into epoch 1.
-    logged = csv_rows(run_dir, "train/loss")
+    reduced = {step: float(v) for step, v in logged(run_dir, "train/loss").items()}
     local = [{int(k): v for k, v in r["train"].items()} for r in ranks]
-    assert sorted(logged) == [0, 1, 2, 3] and sorted(local[0]) == [1, 2, 3, 4]
-    for step, value in logged.items():  # the CSV row of step s is logged after optimizer step s + 1
+    assert sorted(reduced) == [0, 1, 2, 3] and sorted(local[0]) == [1, 2, 3, 4]
+    for step, value in reduced.items():  # the CSV row of step s is logged after optimizer step s + 1
         own = local[0][step + 1], local[1][step + 1]
         assert own[0] != own[1], "both ranks saw the same batch"
         assert value == pytest.approx(sum(own) / 2, rel=1e-6)
@@ -94,7 +83,7 @@ def test_ddp_only_rank_zero_writes_files(ddp_run):
     assert sorted(p.name for p in (run_dir / "checkpoints" / "distill").iterdir()) == ["last.ckpt", "step000004.ckpt"]
     assert not list(run_dir.rglob("*.tmp*")), "a temporary file was left behind"
     assert (run_dir / "train_ddp_process_1.log").read_text().count("ERROR") == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["eval"]["student"]["test"]["n"] == 8
 
 
@@ -140,6 +129,6 @@ def test_fsdp_smoke_run_on_one_gpu(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = read_summary(tmp_path)
     assert summary["status"] == "completed" and summary["stages"]["distill"]["steps"] == 4
     assert (tmp_path / "student" / "model.safetensors").is_file()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import signal
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import torch
 
 from autoglm_distill.checkpointing import AtomicCheckpointIO, CheckpointError
 
-from .conftest import run_cli
+from .conftest import logged, read_summary, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]  # the CLI runs from here so that it can import tests.helpers
 # 8 steps over 6 batches per epoch, last.ckpt every 2 steps, dropout on so that the RNG state matters too.
@@ -24,20 +22,6 @@ RUN = [
     "trainer.max_steps=8",
     "+student.config.text_config.attention_dropout=0.3",
 ]
-
-
-def summary_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def train_losses(run_dir: Path) -> dict[int, str]:
-    """step -> train/loss as logged (the exact text) by every CSV log in the run dir."""
-    losses = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                losses[int(row["step"])] = row["train/loss"]
-    return losses
 
 
 def final_metrics(summary: dict) -> dict:
@@ -69,13 +53,13 @@ def test_kill_9_mid_training_then_ckpt_path_last_ends_with_the_same_metrics(stra
     proc = run_cli([*same, "ckpt_path=last"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
-    resumed = train_losses(crashed)
+    resumed = logged(crashed, "train/loss")
     assert min(step for step in resumed if step >= 4) == 4  # the CSV row of step 4 is the 5th step: resumed at 4
     # Every step after the resume, and every final number, is bit-for-bit the uninterrupted run's.
-    expected = train_losses(straight)
+    expected = logged(straight, "train/loss")
     assert [resumed[s] for s in range(4, 8)] == [expected[s] for s in range(4, 8)]
-    assert final_metrics(summary_of(crashed)) == final_metrics(summary_of(straight))
-    assert summary_of(crashed)["stages"]["distill"]["steps"] == 8
+    assert final_metrics(read_summary(crashed)) == final_metrics(read_summary(straight))
+    assert read_summary(crashed)["stages"]["distill"]["steps"] == 8
 
 
 def test_resume_without_the_rng_state_would_not_be_exact(straight, tmp_path):
@@ -85,7 +69,7 @@ def test_resume_without_the_rng_state_would_not_be_exact(straight, tmp_path):
     kill = ["+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=5"]
     assert run_cli([*same, *kill, f"hydra.run.dir={crashed}"], cwd=ROOT).returncode == -signal.SIGKILL
     assert run_cli([*same, "ckpt_path=last", f"hydra.run.dir={crashed}"], cwd=ROOT).returncode == 0
-    assert train_losses(crashed)[4] != train_losses(straight)[4]
+    assert logged(crashed, "train/loss")[4] != logged(straight, "train/loss")[4]
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(straight, tmp_path):
@@ -102,7 +86,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     )
     assert proc.returncode != 0
     assert "Non-finite training loss (nan) at step 3" in proc.stderr
-    summary = summary_of(tmp_path)
+    summary = read_summary(tmp_path)
     assert summary["status"] == "failed" and "at step 3" in summary["error"]
     checkpoint = torch.load(tmp_path / "checkpoints" / "distill" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from .conftest import run_cli
-
-
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+from .conftest import read_summary, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +48,7 @@ def test_smoke_student_loads_with_from_pretrained(smoke_run):
     assert not list(smoke_run.glob("student.tmp-*")), "a temporary folder was left behind"
 
 
-def quick_export(tmp_path: Path, fmt: str) -> list[str]:
+def quick_export(tmp_path: Path, fmt: str, int8_min_top1: float = 0.3) -> list[str]:
     """Overrides for a quick export step into ``tmp_path/export``: one format, a short context, and the int8 bar
     relaxed for a random tiny student (near-tied logits)."""
     return [
@@ -60,7 +56,7 @@ def quick_export(tmp_path: Path, fmt: str) -> list[str]:
         f"export.formats=[{fmt}]",
         "export.max_context=256",
         "export.max_new_tokens=8",
-        "export.bars.int8_min_top1_agreement=0.3",
+        f"export.bars.int8_min_top1_agreement={int8_min_top1}",
         f"export.dir={tmp_path / 'export'}",
     ]
 
