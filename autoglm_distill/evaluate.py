@@ -1,18 +1,25 @@
-"""Evaluation: greedy generation scored with Open-AutoGLM's action parser, and teacher-forced agreement."""
+"""Evaluation: greedy generation scored with Open-AutoGLM's action parser, teacher-forced CE and agreement, and the
+run's eval tables."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import torch
+from rich.console import Console
 from rich.progress import track
+from rich.table import Table
 from transformers import PreTrainedModel
 
 from autoglm_distill.actions import ActionMetrics
-from autoglm_distill.data.phone import ChatEncoder, Collator
-from autoglm_distill.module import model_inputs
+from autoglm_distill.data.phone import ChatEncoder, Collator, PhoneDataModule, model_inputs
+from autoglm_distill.models import count_parameters
+from autoglm_distill.utils import rank_zero_logger, write_json_atomic
+
+log = rank_zero_logger(__name__)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +106,70 @@ def teacher_forced(
     if teacher is not None:
         result["top1_agreement"] = agree_sum / max(n, 1)
     return result
+
+
+def evaluate_models(
+    models: dict[str, PreTrainedModel],
+    teacher: PreTrainedModel | None,
+    datamodule: PhoneDataModule,
+    splits: Sequence[str],
+    out_dir: Path,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+) -> dict[str, dict]:
+    """Greedy-generation action metrics and teacher-forced metrics for every model on every split; each model's
+    answers are written to ``<out_dir>/predictions/<model>_<split>.json``."""
+    results: dict[str, dict] = {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = datamodule.encoder
+    for name, model in models.items():
+        model.to(device)
+        results[name] = {"params": count_parameters(model)}
+        for split in splits:
+            data = datamodule.splits[split]
+            if limit is not None:
+                data = data.select(range(min(limit, len(data))))
+            answers = generate_answers(
+                model, encoder, data, datamodule.root, batch_size, max_new_tokens, desc=f"{name} on {split}"
+            )
+            metrics = score_answers(answers, data)
+            reference = None if name == "teacher" or teacher is None else teacher.to(device)
+            metrics.update(teacher_forced(model, reference, encoder, data, datamodule.root, batch_size))
+            results[name][split] = metrics
+            write_json_atomic(
+                out_dir / "predictions" / f"{name}_{split}.json",
+                [{"id": i, "answer": a} for i, a in zip(data["id"], answers)],
+            )
+            log.info("%s on %s: %s", name, split, {k: round(v, 4) for k, v in metrics.items()})
+    return results
+
+
+TABLE_COLUMNS = ["params", "action_type_acc", "tap_in_element", "exact_match", "parse_rate", "top1_agreement", "ce"]
+
+
+def eval_rows(results: dict[str, dict], split: str) -> list[list[str]]:
+    """One row of formatted cells per model: name, then TABLE_COLUMNS."""
+    rows = []
+    for name, r in results.items():
+        m = r.get(split, {})
+        rows.append([name, f"{r['params']:,}"] + [f"{m[c]:.3f}" if c in m else "-" for c in TABLE_COLUMNS[1:]])
+    return rows
+
+
+def report_tables(results: dict[str, dict], splits: Sequence[str], out_dir: Path) -> None:
+    """Print the eval table of every split and write it as Markdown to <run dir>/results.md."""
+    markdown = []
+    for split in splits:
+        table = Table(title=f"autoglm_distill: {split} split")
+        table.add_column("model")
+        for c in TABLE_COLUMNS:
+            table.add_column(c, justify="right")
+        rows = eval_rows(results, split)
+        for row in rows:
+            table.add_row(*row)
+        Console(width=140).print(table)
+        header = ["model", *TABLE_COLUMNS]
+        markdown += [f"**{split} split**", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        markdown += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    (out_dir / "results.md").write_text("\n".join(markdown))

@@ -159,7 +159,7 @@ class TopKTargets:
             raise ValueError(
                 f"The teacher cache has {self.ids.shape[0]} positions for this batch but it has {int(mask.sum())} "
                 "supervised tokens: the cache was written for other data or another tokenizer/max_length. "
-                "Rebuild it: python -m autoglm_distill.cache_teacher with the training run's overrides."
+                "Rebuild it: python -m autoglm_distill.teacher_cache with the training run's overrides."
             )
         return self
 
@@ -249,7 +249,7 @@ class DistillationLoss(nn.Module):
             raise ValueError(
                 f"The teacher cache holds log-probs at temperature {temperature} but "
                 f"distill.loss.temperature={self.temperature}: set distill.loss.temperature={temperature} "
-                "or rebuild the cache with python -m autoglm_distill.cache_teacher at the new temperature."
+                "or rebuild the cache with python -m autoglm_distill.teacher_cache at the new temperature."
             )
 
     def forward(self, student_logits: Tensor, labels: Tensor, teacher: Teacher | None = None) -> DistillationLossOutput:

@@ -1,4 +1,5 @@
-"""Teacher and student builders: ``from_pretrained`` on a hub id or folder, or a fresh model from a preset.
+"""Teacher and student builders (``from_pretrained`` on a hub id or folder, or a fresh model from a preset) and the
+facts other modules read off a model (text config, head_dim, lm_head, QAT record, weight sparsity).
 
 Two families are supported: ``glm4v`` (GLM-4.1V, ``Glm4vForConditionalGeneration``: the AutoGLM phone
 agent's architecture, image + text) and ``glm4`` (the GLM-4 text decoder, ``Glm4ForCausalLM``).
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +31,12 @@ log = logging.getLogger(__name__)
 
 AUTO_CLASSES = {"image_text": AutoModelForImageTextToText, "causal_lm": AutoModelForCausalLM}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The key under which a QAT-converted student's config.json records its scheme (see compress/qat.py).
+QAT_CONFIG_KEY = "autoglm_distill_qat"
+# Below this fraction of zeros a model counts as dense. A sparse weight costs 1 mask bit per value plus its
+# non-zero values, which pays off from about 1/16 zeros in fp16.
+MIN_ZERO_FRACTION = 0.1
+NM_GROUPS = (4, 8)  # the M of the N:M patterns that are recognised
 
 
 class ModelLoadError(RuntimeError):
@@ -182,3 +190,61 @@ def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- facts about a model ---------------------------------------------------------------------------
+
+
+def text_config(model_or_config):
+    """The text decoder's config of a model or config (GLM-4.1V nests it as ``text_config``)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def plain_head(model: PreTrainedModel) -> nn.Linear | None:
+    """The model's lm_head when it is a plain bias-free Linear (what the chunked loss multiplies by); None when a
+    callback has wrapped it (QAT fake-quantization, pruning masks), which needs the module's own forward."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None and not hasattr(head, "weight_orig"):
+        return head
+    return None
+
+
+def qat_record(model: nn.Module) -> dict | None:
+    """The QAT record a converted student carries in its config (None for a student trained without QAT)."""
+    return getattr(getattr(model, "config", None), QAT_CONFIG_KEY, None)
+
+
+def linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
+    """The model's ``nn.Linear`` modules by name, except an output head whose weight is the (tied) input
+    embedding: embeddings are never sparsified."""
+    get_embedding = getattr(model, "get_input_embeddings", None)
+    embedding = get_embedding() if get_embedding is not None else None
+    tied = getattr(embedding, "weight", None)
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is not tied}
+
+
+def nm_pattern(weights: list[torch.Tensor]) -> str | None:
+    """``"N:M"`` when every group of M consecutive weights along the input (last) dimension of every tensor has at
+    least M-N zeros (the smallest M of ``NM_GROUPS`` that fits), else None."""
+    for group in NM_GROUPS:
+        if not weights or any(w.shape[-1] % group for w in weights):
+            continue
+        zeros = min(int((w.reshape(-1, group) == 0).sum(dim=1).min()) for w in weights)
+        if zeros:
+            return f"{group - zeros}:{group}"
+    return None
+
+
+def weight_sparsity(model: nn.Module) -> dict[str, Any]:
+    """The zero fraction over the model's Linear weights and its pattern: ``"N:M"``, ``"unstructured"``, or None
+    when under ``MIN_ZERO_FRACTION`` (a dense model)."""
+    weights = [m.weight.detach() for m in linear_weights(model).values()]
+    total = sum(w.numel() for w in weights)
+    fraction = sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
+    pattern = None if fraction < MIN_ZERO_FRACTION else nm_pattern(weights) or "unstructured"
+    return {"zero_fraction": round(fraction, 4), "pattern": pattern}

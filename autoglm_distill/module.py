@@ -10,26 +10,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from autoglm_distill.data.phone import model_inputs
 from autoglm_distill.losses import DistillationLoss, DistillationLossOutput, HeadTargets, Teacher, TopKTargets
+from autoglm_distill.models import plain_head
 from autoglm_distill.utils import rank_zero_logger
 
 log = rank_zero_logger(__name__)
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys of a batch that the model's forward takes (labels stay with the loss)."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-
-
-def plain_head(model: PreTrainedModel) -> nn.Linear | None:
-    """The model's lm_head when it is a plain bias-free Linear (what the chunked loss multiplies by); None when a
-    callback has wrapped it (QAT fake-quantization, pruning masks), which needs the module's own forward."""
-    head = model.get_output_embeddings()
-    if type(head) is nn.Linear and head.bias is None and not hasattr(head, "weight_orig"):
-        return head
-    return None
 
 
 class DistillModule(pl.LightningModule):

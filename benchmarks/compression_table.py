@@ -31,7 +31,7 @@ from rich.table import Table
 from autoglm_distill.actions import try_parse
 from autoglm_distill.data.phone import read_split
 from autoglm_distill.evaluate import score_answers
-from autoglm_distill.export.run import Runner
+from autoglm_distill.export.runner import Runner
 
 # name, label, overrides of recipe=phone_tiny (which itself is: pruned-teacher init + pruning + QAT)
 RUNS = [

@@ -1,6 +1,6 @@
 """Does the reference runner, driving only the exported files, give the PyTorch student's answers?
 
-Runs every test chat through ``autoglm_distill.export.run.Runner`` for each ONNX/TFLite precision and compares with
+Runs every test chat through ``autoglm_distill.export.runner.Runner`` for each ONNX/TFLite precision and compares with
 the answers the run's PyTorch student generated (``<run dir>/predictions/student_test.json``, HF ``generate``).
 
     python benchmarks/export_runner_parity.py --export export/demo --run outputs/demo/<time> \
@@ -20,7 +20,7 @@ from rich.progress import track
 from rich.table import Table
 
 from autoglm_distill.actions import try_parse
-from autoglm_distill.export.run import Runner
+from autoglm_distill.export.runner import Runner
 
 
 def main() -> None:

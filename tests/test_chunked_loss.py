@@ -135,7 +135,7 @@ def test_top_k_kd_is_a_lower_bound_of_the_dense_kl() -> None:
 def test_top_k_targets_at_another_temperature_or_for_other_data_name_the_fix() -> None:
     hidden, weight, labels, teacher = batch()
     targets = topk(teacher, labels, 4, 1.0)
-    with pytest.raises(ValueError, match=r"temperature 1.0 but distill.loss.temperature=2.0.*cache_teacher"):
+    with pytest.raises(ValueError, match=r"temperature 1.0 but distill.loss.temperature=2.0.*teacher_cache"):
         DistillationLoss(temperature=2.0).from_hidden(hidden, weight, labels, targets)
     labels[1, :] = -100
     with pytest.raises(ValueError, match=r"cache has \d+ positions for this batch but it has \d+.*Rebuild"):

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoModelForImageTextToText
 
 from autoglm_distill import config as config_lib
-from autoglm_distill import run
+from autoglm_distill import student as student_lib
+from autoglm_distill import training
 
 from .conftest import TINY_TEXT, compose_config, run_cli
 from .test_run import quick_export
@@ -83,13 +84,13 @@ def test_pruned_teacher_init_refuses_a_student_shape_it_cannot_reach(tmp_path, t
     teacher = build_model("glm4", TINY_TEXT, tokenizer)  # head_dim 16
     cfg = compose_config(["recipe=demo", "student.init=pruned_teacher"], tmp_path)  # demo student: head_dim 32
     with pytest.raises(ModelLoadError, match="set the student's to the teacher's"):
-        run.student_shape(cfg.student, teacher)
+        student_lib.student_shape(cfg.student, teacher)
 
 
 def test_compression_callbacks_go_to_the_distill_stage_only(tmp_path):
     cfg = compose_config(["callbacks=[default,prune_structured,qat]"], tmp_path)
-    assert {"prune_structured", "qat"} <= set(run.stage_callbacks(cfg, "distill"))
+    assert {"prune_structured", "qat"} <= set(training.stage_callbacks(cfg, "distill"))
     for stage in ("teacher_pretrain", "baseline"):
-        chosen = run.stage_callbacks(cfg, stage)
+        chosen = training.stage_callbacks(cfg, stage)
         assert "model_checkpoint" in chosen and not {"prune_structured", "qat"} & set(chosen)
-    assert all("stages" not in c for c in run.stage_callbacks(cfg, "distill").values())
+    assert all("stages" not in c for c in training.stage_callbacks(cfg, "distill").values())

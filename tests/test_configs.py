@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from autoglm_distill import config as config_lib
-from autoglm_distill import run
+from autoglm_distill import training
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, count_parameters
 
@@ -60,7 +60,7 @@ def test_trainer_option_instantiates(name, tmp_path):
 @pytest.mark.parametrize("name", options("callbacks"))
 def test_callbacks_option_instantiates(name, tmp_path):
     cfg = compose_config([f"callbacks={name}"], tmp_path)
-    for cb in run.stage_callbacks(cfg, "distill").values():  # as run.py does: `stages` is not passed on
+    for cb in training.stage_callbacks(cfg, "distill").values():  # as training.py does: `stages` is not passed on
         assert isinstance(instantiate(cb), pl.Callback)
 
 

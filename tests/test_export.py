@@ -27,9 +27,9 @@ from autoglm_distill.export import (
     graph_modules,
     graph_specs,
     onnx,
+    runner,
     tflite,
 )
-from autoglm_distill.export import run as runner
 from autoglm_distill.export.exporter import fitting
 from autoglm_distill.models import build_model
 from autoglm_distill.utils import sha256_of
@@ -265,7 +265,7 @@ def test_reference_runner_errors_name_the_fix(exported, tmp_path):
     with pytest.raises(runner.ExportFolderError, match="onnx/fp32"):
         runner.run(out, "x", fmt="onnx", precision="int4")
     proc = subprocess.run(
-        [sys.executable, "-m", "autoglm_distill.export.run", str(tmp_path), "--prompt", "x"],
+        [sys.executable, "-m", "autoglm_distill.export.runner", str(tmp_path), "--prompt", "x"],
         capture_output=True,
         text=True,
         timeout=120,

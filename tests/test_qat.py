@@ -13,11 +13,11 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForCausalLM
 
-from autoglm_distill.compress.qat import QATError, QuantizationAware, is_fake_quantized, qat_record
+from autoglm_distill.compress.qat import QATError, QuantizationAware, is_fake_quantized
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
 from autoglm_distill.export import Bars, ExportSettings, export_student
 from autoglm_distill.losses import DistillationLoss
-from autoglm_distill.models import build_model, freeze
+from autoglm_distill.models import build_model, freeze, qat_record
 from autoglm_distill.module import DistillModule
 
 from .conftest import TINY_TEXT

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm_distill import run as run_lib
+from autoglm_distill.data import prepare
 from autoglm_distill.models import ModelLoadError, build_model, load_pretrained
 from autoglm_distill.teacher_cache import FORMAT as CACHE_FORMAT
 from autoglm_distill.teacher_cache import TeacherCache, TeacherCacheError
@@ -88,12 +88,12 @@ def test_a_teacher_cache_index_cannot_point_outside_its_folder(tmp_path):
 def test_other_ranks_wait_for_rank_zero_to_generate_the_data(tmp_path, monkeypatch):
     """torchrun and SLURM start every rank at once: rank 1 waits for rank 0's data and says so when it never comes."""
     cfg = compose_config(["recipe=smoke"], tmp_path)
-    monkeypatch.setattr(run_lib.rank_zero_only, "rank", 1)
+    monkeypatch.setattr(prepare.rank_zero_only, "rank", 1)
     with pytest.raises(TimeoutError, match="rank 0 to generate the data"):
-        run_lib.prepare_data(cfg, wait_s=0.5)
+        prepare.prepare_data(cfg, wait_s=0.5)
     assert not Path(cfg.data.path).exists()  # rank 1 wrote nothing
-    monkeypatch.setattr(run_lib.rank_zero_only, "rank", 0)
-    root = run_lib.prepare_data(cfg)
-    monkeypatch.setattr(run_lib.rank_zero_only, "rank", 1)
-    assert run_lib.prepare_data(cfg, wait_s=0.5) == root
+    monkeypatch.setattr(prepare.rank_zero_only, "rank", 0)
+    root = prepare.prepare_data(cfg)
+    monkeypatch.setattr(prepare.rank_zero_only, "rank", 1)
+    assert prepare.prepare_data(cfg, wait_s=0.5) == root
     shutil.rmtree(root)

@@ -17,13 +17,13 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.nn.utils import prune
 from transformers import AutoModelForCausalLM
 
-from autoglm_distill import run
+from autoglm_distill import training
 from autoglm_distill.compress.sparsity import Sparsity, n_m_mask
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
 from autoglm_distill.export import Bars, ExportSettings, coreml, export_student, exporter, graph_specs
-from autoglm_distill.export.storage import DENSE_FORMAT, linear_weights, weight_sparsity
+from autoglm_distill.export.storage import DENSE_FORMAT
 from autoglm_distill.losses import DistillationLoss
-from autoglm_distill.models import build_model, freeze
+from autoglm_distill.models import build_model, freeze, linear_weights, weight_sparsity
 from autoglm_distill.module import DistillModule
 
 from .conftest import TINY_TEXT, compose_config
@@ -210,11 +210,11 @@ def test_every_problem_is_reported_at_once():
 
 def test_the_config_adds_the_callback_to_the_distill_stage_only(tmp_path):
     cfg = compose_config(["callbacks=[default,sparsity]", "callbacks.sparsity.pattern=2:4"], tmp_path)
-    distill = run.stage_callbacks(cfg, "distill")
+    distill = training.stage_callbacks(cfg, "distill")
     assert {"model_checkpoint", "sparsity"} <= set(distill)
     callback = instantiate(distill["sparsity"])
     assert isinstance(callback, Sparsity) and (callback.zeros, callback.group) == (2, 4)
-    assert "sparsity" not in run.stage_callbacks(cfg, "baseline")
+    assert "sparsity" not in training.stage_callbacks(cfg, "baseline")
 
 
 @pytest.fixture(scope="module")

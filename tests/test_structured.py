@@ -19,10 +19,10 @@ from autoglm_distill.compress.structured import (
     prune,
     prune_to,
 )
-from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
+from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, model_inputs
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, count_parameters, freeze
-from autoglm_distill.module import DistillModule, model_inputs
+from autoglm_distill.module import DistillModule
 
 WIDE = {
     "hidden_size": 48,

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from autoglm_distill.actions import action_type, try_parse
+from autoglm_distill.actions import SYSTEM_PROMPT, action_type, try_parse
 from autoglm_distill.data import synth
+from autoglm_distill.data.phone import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_train": 50, "n_val": 10, "n_test": 10}
@@ -64,14 +65,14 @@ def test_layout_and_meta(dataset: Path) -> None:
 
 
 def test_schema_and_images(dataset: Path) -> None:
-    for split, n in zip(synth.SPLITS, SMALL.values(), strict=True):
+    for split, n in zip(SPLITS, SMALL.values(), strict=True):
         records = read_split(dataset, split)
         assert [r["id"] for r in records] == [f"{split}-{i:05d}" for i in range(n)]
         for r in records:
             assert set(r) == {"id", "messages", "target"}
             system, user, assistant = r["messages"]
             assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
-            assert system["content"] == synth.SYSTEM_PROMPT
+            assert system["content"] == SYSTEM_PROMPT
             image_item, text_item = user["content"]
             assert image_item == {"type": "image", "image": f"images/{r['id']}.png"}
             assert text_item["type"] == "text" and text_item["text"].startswith("Task: ")
@@ -93,7 +94,7 @@ def test_text_only_user_content_is_a_string(tmp_path: Path) -> None:
 
 
 def test_answers_parse_and_taps_hit_listed_elements(dataset: Path) -> None:
-    for split in synth.SPLITS:
+    for split in SPLITS:
         for r in read_split(dataset, split):
             action = try_parse(r["messages"][2]["content"])
             assert action is not None, r["messages"][2]["content"]
@@ -116,7 +117,7 @@ def test_answers_parse_and_taps_hit_listed_elements(dataset: Path) -> None:
 
 
 def test_no_prompt_overlap_between_splits(dataset: Path) -> None:
-    prompts = {s: {user_text(r) for r in read_split(dataset, s)} for s in synth.SPLITS}
+    prompts = {s: {user_text(r) for r in read_split(dataset, s)} for s in SPLITS}
     assert len(prompts["train"]) == SMALL["n_train"]
     assert not prompts["train"] & prompts["val"]
     assert not prompts["train"] & prompts["test"]

@@ -106,7 +106,7 @@ def cache(teacher_run, tmp_path_factory) -> Path:
     cache_dir = tmp_path_factory.mktemp("cache") / "teacher_cache"
     vocab = json.loads((teacher_run / "teacher" / "config.json").read_text())["text_config"]["vocab_size"]
     args = cache_args(teacher_run, cache_dir, f"distill.cache.k={vocab}", "distill.cache.value_bits=16")
-    proc = run_module("autoglm_distill.cache_teacher", args, cache_dir.parent)
+    proc = run_module("autoglm_distill.teacher_cache", args, cache_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cache_dir
 
@@ -162,7 +162,7 @@ def test_training_from_the_cache_never_loads_the_teacher(cache, teacher_run, tmp
 
 def test_an_existing_cache_is_kept(cache, teacher_run) -> None:
     before = (cache / "index.json").read_text()
-    proc = run_module("autoglm_distill.cache_teacher", cache_args(teacher_run, cache), cache.parent)
+    proc = run_module("autoglm_distill.teacher_cache", cache_args(teacher_run, cache), cache.parent)
     assert proc.returncode != 0 and "distill.cache.overwrite=true" in proc.stderr
     assert (cache / "index.json").read_text() == before
 
@@ -182,7 +182,7 @@ def test_a_corrupted_shard_is_named(cache, tmp_path) -> None:
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
     shard.write_bytes(bytes(data))
     opened = TeacherCache(copy)
-    with pytest.raises(TeacherCacheError, match=r"train-00000.npz is corrupted \(sha256 mismatch\).*cache_teacher"):
+    with pytest.raises(TeacherCacheError, match=r"train-00000.npz is corrupted \(sha256 mismatch\).*teacher_cache"):
         opened.example("train", 0)
 
 
@@ -190,7 +190,7 @@ def test_a_truncated_shard_is_named_when_the_cache_is_opened(cache, tmp_path) ->
     copy = copy_of(cache, tmp_path)
     shard = copy / "val-00000.npz"
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(TeacherCacheError, match=r"val-00000.npz is truncated or overwritten.*cache_teacher"):
+    with pytest.raises(TeacherCacheError, match=r"val-00000.npz is truncated or overwritten.*teacher_cache"):
         TeacherCache(copy)
 
 
@@ -210,7 +210,7 @@ def test_a_cache_for_other_data_is_refused(cache, teacher_run, tmp_path) -> None
     cfg = compose_config(cache_args(teacher_run, cache), teacher_run)
     tok = AutoTokenizer.from_pretrained(cache)
     datamodule = data_module(cfg, teacher_run / "data", tok, None, TeacherCache(cache))
-    with pytest.raises(TeacherCacheError, match=r"written for other train data.*cache_teacher"):
+    with pytest.raises(TeacherCacheError, match=r"written for other train data.*teacher_cache"):
         datamodule.train_dataloader()
 
 

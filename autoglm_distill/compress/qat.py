@@ -19,9 +19,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from autoglm_distill.models import QAT_CONFIG_KEY
+
 log = logging.getLogger(__name__)
 
-QAT_CONFIG_KEY = "autoglm_distill_qat"
 WEIGHT_SCHEMES = ("int8", "int4")
 
 
@@ -93,11 +94,6 @@ def convert(model: nn.Module, weights: str = "int8", group_size: int = 32, activ
     if hasattr(model, "config"):
         setattr(model.config, QAT_CONFIG_KEY, record)
     return record
-
-
-def qat_record(model: nn.Module) -> dict | None:
-    """The QAT record a converted student carries in its config (None for a student trained without QAT)."""
-    return getattr(getattr(model, "config", None), QAT_CONFIG_KEY, None)
 
 
 class QuantizationAware(pl.Callback):

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import ModelPruning
 from torch import nn
 from torch.nn.utils import prune
 
-from autoglm_distill.export.storage import linear_weights
+from autoglm_distill.models import linear_weights
 from autoglm_distill.utils import rank_zero_logger
 
 log = rank_zero_logger(__name__)

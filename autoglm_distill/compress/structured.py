@@ -29,7 +29,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from autoglm_distill.compress.qat import is_fake_quantized
-from autoglm_distill.models import decoder_parts
+from autoglm_distill.data.phone import model_inputs
+from autoglm_distill.models import decoder_parts, head_dim_of, text_config
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,6 @@ class Shape:
         return Shape(**values)
 
 
-def text_config(model_or_config):
-    cfg = getattr(model_or_config, "config", model_or_config)
-    return getattr(cfg, "text_config", None) or cfg
-
-
-def head_dim_of(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def _prefix(model: PreTrainedModel) -> str:
     """The state-dict prefix of the text decoder that ``decoder_parts`` returns."""
     return "model.language_model." if model.config.model_type == "glm4v" else "model."
@@ -104,8 +96,6 @@ def importance(model: PreTrainedModel, batches: Iterable[Mapping[str, torch.Tens
         model: a GLM-4 or GLM-4.1V model; its forward takes the batch's model inputs.
         batches: dicts with ``input_ids`` and ``attention_mask`` (and pixel inputs for GLM-4.1V).
     """
-    from autoglm_distill.module import model_inputs
-
     decoder, _, _ = decoder_parts(model)
     cfg = text_config(model)
     n_layers, n_heads, head_dim = cfg.num_hidden_layers, cfg.num_attention_heads, head_dim_of(cfg)

@@ -242,6 +242,15 @@ def load_split(
     return datasets.Dataset.from_list(rows, features=features), bad
 
 
+# The batch keys a model's forward takes; the Collator below makes them (labels and cached targets stay with the loss).
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a batch that the model's forward takes."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
 class Collator:
     """Right-pads a list of encoded examples into a model batch (labels -100 on padding)."""
 

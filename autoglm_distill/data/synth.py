@@ -23,14 +23,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from autoglm_distill.actions import SYSTEM_PROMPT
+from autoglm_distill.data.phone import SPLITS
+
 FORMAT_VERSION = 1
 # The parameters a folder was generated with; the folder appears whole (renamed into place), this file with it.
 META_FILE = "synth_meta.json"
-SPLITS = ("train", "val", "test")
-SYSTEM_PROMPT = (
-    "You operate a phone. Reply <think>why</think><answer>ACTION</answer>; ACTION is "
-    "do(action=Tap|Long Press|Type|Swipe|Launch|Back|Home|Wait, ...) or finish(message=...)."
-)
 # Roughly the task mix of real agent traces: mostly taps, some typing and navigation.
 ACTION_WEIGHTS = {
     "Tap": 45,

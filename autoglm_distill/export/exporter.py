@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoglm_distill.compress.qat import qat_record
+from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
+from autoglm_distill.data.synth import sample_chats
 from autoglm_distill.export import coreml, onnx, tflite
 from autoglm_distill.export.graphs import GraphSpec, graph_specs
 from autoglm_distill.export.report import measure_latency, write_report
-from autoglm_distill.export.storage import weight_sparsity, weight_storage
+from autoglm_distill.export.storage import weight_storage
 from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
-from autoglm_distill.models import decoder_parts
+from autoglm_distill.models import decoder_parts, qat_record, weight_sparsity
 from autoglm_distill.utils import save_dir_atomic, sha256_of
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | 
 def data_goldens(root: Path, encoder, limit: int = 64) -> list[Golden]:
     """Golden prompts from the first ``limit`` valid chats of ``<root>/val.jsonl``, encoded as in training (with
     their screenshots when ``encoder`` has an image processor)."""
-    from autoglm_distill.data.phone import DataError, read_split
-
     path = root / "val.jsonl"
     if not path.is_file():
         raise DataError(f"{path} does not exist: data_path must be a data folder with val.jsonl")
@@ -221,8 +220,6 @@ def export_student(
     Raises:
         ExportVerificationError: an artifact failed its check; ``report`` holds every figure.
     """
-    from autoglm_distill.data.phone import ChatEncoder
-    from autoglm_distill.data.synth import sample_chats
 
     settings = settings or ExportSettings()
     out_dir = Path(out_dir).resolve()

@@ -1,6 +1,6 @@
 """Offline teacher cache: per supervised token, the teacher's top-k log-probs and ids and the leftover mass.
 
-``python -m autoglm_distill.cache_teacher`` writes one; ``distill.teacher=cache`` trains from it without loading
+``python -m autoglm_distill.teacher_cache`` writes one; ``distill.teacher=cache`` trains from it without loading
 the teacher. A cache is a folder::
 
     index.json           format, settings (k, value bits, temperature), teacher, data fingerprints, shards + sha256
@@ -32,7 +32,7 @@ from autoglm_distill.utils import write_json_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "autoglm_distill.teacher_cache/1"
-REBUILD = "rebuild it: python -m autoglm_distill.cache_teacher with the training run's overrides"
+REBUILD = "rebuild it: python -m autoglm_distill.teacher_cache with the training run's overrides"
 
 
 class TeacherCacheError(RuntimeError):
@@ -207,7 +207,7 @@ class TeacherCache:
             hint = f" (an interrupted build left {partial[0].name})" if partial else ""
             raise TeacherCacheError(
                 f"No teacher cache at {self.path}: index.json is missing{hint}. Build it first, "
-                f"python -m autoglm_distill.cache_teacher <the training run's overrides>, or point "
+                f"python -m autoglm_distill.teacher_cache <the training run's overrides>, or point "
                 "distill.cache.dir at an existing cache."
             )
         try:

@@ -1,8 +1,8 @@
-"""Run the teacher once over the data and write its top-k targets: ``python -m autoglm_distill.cache_teacher``.
+"""Run the teacher once over the data and write its top-k targets: ``python -m autoglm_distill.teacher_cache``.
 
 Takes the same config and overrides as the training run it serves, e.g.::
 
-    python -m autoglm_distill.cache_teacher recipe=phone_small distill.cache.k=128
+    python -m autoglm_distill.teacher_cache recipe=phone_small distill.cache.k=128
     python -m autoglm_distill recipe=phone_small distill.teacher=cache
 
 Every split is cached (train and val for the loss and its metrics, test for completeness), at the run's
@@ -24,11 +24,10 @@ from rich.progress import Progress
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
-from autoglm_distill.data.phone import SPLITS
+from autoglm_distill.data.phone import SPLITS, model_inputs
+from autoglm_distill.data.prepare import data_module, prepare_data
 from autoglm_distill.losses import auto_chunk_tokens
 from autoglm_distill.models import count_parameters, freeze, is_image_text, load_pretrained, vocab_size
-from autoglm_distill.module import model_inputs
-from autoglm_distill.run import data_module, prepare_data
 from autoglm_distill.teacher_cache import CacheWriter, TeacherCacheError, fingerprint, top_k
 from autoglm_distill.utils import rank_zero_logger, save_dir_atomic
 
@@ -77,8 +76,8 @@ def build_cache(cfg: DictConfig) -> dict:
         )
     if cfg.teacher.path is None:
         raise TeacherCacheError(
-            "cache_teacher needs a trained teacher, and teacher.path is null (a teacher trained inside a run): "
-            "set teacher=pretrained teacher.path=<its folder>, e.g. outputs/demo/<time>/teacher."
+            "python -m autoglm_distill.teacher_cache needs a trained teacher, and teacher.path is null (a teacher "
+            "trained inside a run): set teacher=pretrained teacher.path=<its folder>, e.g. outputs/demo/<time>/teacher."
         )
     root = prepare_data(cfg)
     teacher = freeze(load_pretrained(str(cfg.teacher.path), cfg.teacher.kind, cfg.teacher.dtype,

@@ -1,7 +1,7 @@
 """Reference runner: greedy generation from an export folder alone (no PyTorch model), the spec of how to drive
 the graphs.
 
-    python -m autoglm_distill.export.run export/demo --prompt "Task: Open Maps ..." [--format tflite]
+    python -m autoglm_distill.export.runner export/demo --prompt "Task: Open Maps ..." [--format tflite]
 
 1. Render the chat (system + user) with ``tokenizer/``'s chat template, generation prompt included, and tokenize.
 2. ``prefill``: ``input_ids`` int32 [1, C] (the prompt, right-padded with ``pad_token_id`` to ``max_context`` C),
@@ -33,10 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_SYSTEM = (
-    "You operate a phone. Reply <think>why</think><answer>ACTION</answer>; ACTION is do(action=Tap|Long Press|"
-    "Type|Swipe|Launch|Back|Home|Wait, ...) or finish(message=...)."
-)
+from autoglm_distill.actions import SYSTEM_PROMPT, try_parse
 
 Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -202,7 +199,6 @@ class Runner:
 
     def __call__(self, messages: list[dict], max_new_tokens: int = 64, root: str | Path = ".") -> dict:
         """Answer a chat (an assistant message, if any, is left out of the prompt); image paths are under ``root``."""
-        from autoglm_distill.actions import try_parse
 
         ids, pixel_values = self.encode(messages, Path(root))
         tokens = generate(self.steps, ids, self.manifest["model"], max_new_tokens, pixel_values)
@@ -220,7 +216,7 @@ class Runner:
 def run(
     folder: str | Path,
     prompt: str,
-    system: str | None = DEFAULT_SYSTEM,
+    system: str | None = SYSTEM_PROMPT,
     fmt: str = "onnx",
     precision: str = "fp32",
     max_new_tokens: int = 64,
@@ -233,10 +229,10 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m autoglm_distill.export.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autoglm_distill.export.runner", description=__doc__.split("\n")[0])
     parser.add_argument("folder", help="an export folder (has manifest.json)")
     parser.add_argument("--prompt", required=True, help='the user message, e.g. "Task: ...\\nApp: ...\\nElements: ..."')
-    parser.add_argument("--system", default=DEFAULT_SYSTEM, help="system message ('' for none)")
+    parser.add_argument("--system", default=SYSTEM_PROMPT, help="system message ('' for none)")
     parser.add_argument("--format", default="onnx", choices=["onnx", "tflite"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     parser.add_argument("--image", help="the screenshot (image-text exports)")
