@@ -1,4 +1,5 @@
-"""Where the Hydra config lives, the ``recipe`` group, and the checks run before any work starts."""
+"""Where the Hydra config lives, the ``recipe`` group, and the resolvers the configs use (the checks run before
+any work starts are in ``validate.py``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -82,82 +83,3 @@ def register_resolvers() -> None:
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-
-
-class ConfigError(ValueError):
-    """The run's config is inconsistent; the message lists every problem and its fix."""
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check the whole config before anything is loaded; report all problems at once."""
-    problems = []
-    if cfg.teacher.path is None and cfg.teacher.scratch is None:
-        problems.append(
-            "teacher.path is null and the teacher has no `scratch` section: set teacher.path=<hub id or "
-            "folder>, or choose a teacher trained here (teacher=scratch_text)."
-        )
-    if cfg.teacher.kind not in ("image_text", "causal_lm", "auto"):
-        problems.append(f"teacher.kind={cfg.teacher.kind!r}: use image_text, causal_lm or auto.")
-    if cfg.student.path is None and cfg.student.arch not in ("glm4v", "glm4"):
-        problems.append(
-            f"student.arch={cfg.student.arch!r}: use glm4v or glm4, or load one with student.path=<folder>."
-        )
-    if cfg.student.init not in ("random", "pruned_teacher"):
-        problems.append(f"student.init={cfg.student.init!r}: use random or pruned_teacher.")
-    if cfg.student.init == "pruned_teacher" and cfg.student.path is not None:
-        problems.append(
-            "student.init=pruned_teacher builds the student from the teacher, but student.path is set too: "
-            "drop student.path (student=<preset>) or use student.init=random."
-        )
-    callbacks = {name for name, cb in (cfg.get("callbacks") or {}).items() if "_target_" in cb}  # selected ones
-    if "sparsity" in callbacks and callbacks & {"prune_structured", "qat"}:
-        problems.append(
-            "callbacks: sparsity does not combine with prune_structured or qat yet (its masks live on the layers "
-            "those callbacks replace): choose callbacks=[default,sparsity] alone, or drop sparsity."
-        )
-    if {"prune_structured", "qat"} <= callbacks:
-        last_prune, qat_start = max(cfg.callbacks.prune_structured.schedule), cfg.callbacks.qat.start_fraction
-        if last_prune >= qat_start:
-            problems.append(
-                f"callbacks.prune_structured.schedule ends at {last_prune} but callbacks.qat.start_fraction is "
-                f"{qat_start}: prune before QAT starts (e.g. schedule=[0.2,0.4] with start_fraction=0.7)."
-            )
-    if cfg.data.on_bad_example not in ("fail", "skip"):
-        problems.append(f"data.on_bad_example={cfg.data.on_bad_example!r}: use fail or skip.")
-    generate = cfg.data.get("generate")
-    missing = {"n_train", "n_val", "n_test", "seed", "images", "image_size"} - set(generate or {})
-    if generate is not None and missing:
-        problems.append(
-            f"data.generate lacks {sorted(missing)} (a recipe set only part of it?): to use your own data "
-            "add data.generate=null, else give the missing keys."
-        )
-    if cfg.distill.teacher not in ("model", "cache"):
-        problems.append(f"distill.teacher={cfg.distill.teacher!r}: use model or cache.")
-    if cfg.distill.teacher == "cache" and cfg.student.init == "pruned_teacher":
-        problems.append(
-            "student.init=pruned_teacher needs the teacher's weights, which distill.teacher=cache never loads: "
-            "use student.init=random, or distill.teacher=model."
-        )
-    if not 1 <= cfg.distill.cache.value_bits <= 16:
-        problems.append(f"distill.cache.value_bits={cfg.distill.cache.value_bits}: use 4 to 8 (at most 16).")
-    loss = cfg.distill.loss
-    if not 0.0 <= loss.alpha <= 1.0:
-        problems.append(f"distill.loss.alpha={loss.alpha}: must lie in [0, 1].")
-    if loss.temperature <= 0:
-        problems.append(f"distill.loss.temperature={loss.temperature}: must be > 0.")
-    unknown = set(cfg.eval.splits) - {"train", "val", "test"}
-    if unknown:
-        problems.append(f"eval.splits has {sorted(unknown)}: choose from train, val, test.")
-    if cfg.trainer.max_steps is None or cfg.trainer.max_steps <= 0:
-        problems.append("trainer.max_steps must be a positive number of optimizer steps.")
-    export = cfg.get("export")
-    if export is not None and export.enabled:
-        unknown_formats = set(export.formats) - {"onnx", "tflite", "coreml"}
-        if unknown_formats:
-            problems.append(f"export.formats has {sorted(unknown_formats)}: choose from onnx, tflite, coreml.")
-        if export.max_context <= export.max_new_tokens:
-            problems.append(
-                f"export.max_context={export.max_context} must exceed export.max_new_tokens={export.max_new_tokens}."
-            )
-    if problems:
-        raise ConfigError("Invalid config:\n" + "\n".join(f"  - {p}" for p in problems))

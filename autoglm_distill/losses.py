@@ -17,15 +17,23 @@ from torch import Tensor, nn
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 
 
-def _check_params(kind: str, temperature: float, beta: float, skew: float) -> None:
+def _param_problems(kind: str, temperature: float, beta: float, skew: float) -> list[str]:
+    problems = []
     if kind not in KINDS:
-        raise ValueError(f"Unknown divergence kind {kind!r}; expected one of {', '.join(KINDS)}.")
+        problems.append(f"unknown divergence kind {kind!r}; expected one of {', '.join(KINDS)}.")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        problems.append(f"temperature must be > 0, got {temperature}.")
     if not 0 <= beta <= 1:
-        raise ValueError(f"beta must be in [0, 1], got {beta}.")
+        problems.append(f"beta must be in [0, 1], got {beta}.")
     if not 0 <= skew < 1:
-        raise ValueError(f"skew must be in [0, 1), got {skew}.")
+        problems.append(f"skew must be in [0, 1), got {skew}.")
+    return problems
+
+
+def _check(problems: list[str]) -> None:
+    """Raise one ValueError naming every problem."""
+    if problems:
+        raise ValueError(" ".join(problems))
 
 
 def _check_same_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
@@ -105,7 +113,7 @@ def token_divergence(
     Raises:
         ValueError: On an unknown kind, invalid parameters or mismatched shapes.
     """
-    _check_params(kind, temperature, beta, skew)
+    _check(_param_problems(kind, temperature, beta, skew))
     _check_same_shape(student_logits, teacher_logits)
     dtype = _compute_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
@@ -227,14 +235,14 @@ class DistillationLoss(nn.Module):
         chunk_size: int | str | None = "auto",
     ) -> None:
         super().__init__()
-        _check_params(kind, temperature, beta, skew)
+        problems = _param_problems(kind, temperature, beta, skew)
         if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+            problems.append(f"alpha must be in [0, 1], got {alpha}.")
         if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)):
-            raise ValueError(
-                f"distill.loss.chunk_size must be a positive number of tokens, auto or null (full logits), "
-                f"got {chunk_size!r}."
+            problems.append(
+                f"chunk_size must be a positive number of tokens, auto or null (full logits), got {chunk_size!r}."
             )
+        _check(problems)
         self.kind, self.temperature, self.alpha = kind, temperature, alpha
         self.beta, self.skew, self.ignore_index = beta, skew, ignore_index
         self.chunk_size = chunk_size

@@ -30,6 +30,8 @@ from autoglm_distill.tokenizer import STOP_TOKENS
 log = logging.getLogger(__name__)
 
 AUTO_CLASSES = {"image_text": AutoModelForImageTextToText, "causal_lm": AutoModelForCausalLM}
+LOAD_KINDS = tuple(AUTO_CLASSES)  # teacher.kind: which Auto class loads it (or auto: read config.json)
+ARCHS = ("glm4v", "glm4")  # what build_model makes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The key under which a QAT-converted student's config.json records its scheme (see compress/qat.py).
 QAT_CONFIG_KEY = "autoglm_distill_qat"
@@ -93,7 +95,7 @@ def build_model(arch: str, config: dict, tokenizer: PreTrainedTokenizerBase) -> 
         model.generation_config.eos_token_id = tokens["eos_token_id"]
         model.generation_config.pad_token_id = tokens["pad_token_id"]
         return model
-    raise ModelLoadError(f"Unknown student/teacher arch {arch!r}: use glm4v or glm4.")
+    raise ModelLoadError(f"Unknown student/teacher arch {arch!r}: use {' or '.join(ARCHS)}.")
 
 
 def load_pretrained(

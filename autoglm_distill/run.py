@@ -43,13 +43,14 @@ from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
 from autoglm_distill.tracking import tracked_run
 from autoglm_distill.training import fit, hard_label_loss, resolve_ckpt, save_model
 from autoglm_distill.utils import install_secret_filter, rank_zero_logger, redact_files
+from autoglm_distill.validate import validate
 
 log = rank_zero_logger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
     """Run every stage of ``cfg``; returns the summary (also written to <run dir>/summary.json)."""
-    config_lib.validate(cfg)
+    validate(cfg)
     out_dir = Path(cfg.paths.output_dir)
     install_secret_filter()
     if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:

@@ -144,7 +144,7 @@ def test_top_k_targets_at_another_temperature_or_for_other_data_name_the_fix() -
 
 @pytest.mark.parametrize("chunk_size", [0, -3, "big", 1.5])
 def test_bad_chunk_size_names_the_key(chunk_size) -> None:
-    with pytest.raises(ValueError, match="distill.loss.chunk_size must be a positive number of tokens"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive number of tokens"):
         DistillationLoss(chunk_size=chunk_size)
 
 

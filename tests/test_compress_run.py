@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import AutoModelForImageTextToText
 
-from autoglm_distill import config as config_lib
 from autoglm_distill import student as student_lib
 from autoglm_distill import training
+from autoglm_distill.validate import ConfigError, validate
 
 from .conftest import TINY_TEXT, compose_config, run_cli
 from .test_run import quick_export
@@ -67,15 +67,15 @@ def test_compression_config_mistakes_are_reported_with_the_fix(tmp_path):
         ],
         tmp_path,
     )
-    with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
     assert "drop student.path" in str(err.value) and "prune before QAT starts" in str(err.value)
     cfg = compose_config(["callbacks=[default,sparsity,qat]"], tmp_path)
-    with pytest.raises(config_lib.ConfigError, match="sparsity does not combine"):
-        config_lib.validate(cfg)
+    with pytest.raises(ConfigError, match="sparsity does not combine"):
+        validate(cfg)
     cfg = compose_config(["student.init=warm"], tmp_path)
-    with pytest.raises(config_lib.ConfigError, match="use random or pruned_teacher"):
-        config_lib.validate(cfg)
+    with pytest.raises(ConfigError, match="use random or pruned_teacher"):
+        validate(cfg)
 
 
 def test_pruned_teacher_init_refuses_a_student_shape_it_cannot_reach(tmp_path, tokenizer):

@@ -13,6 +13,7 @@ from autoglm_distill import config as config_lib
 from autoglm_distill import training
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, count_parameters
+from autoglm_distill.validate import ConfigError, validate
 
 from .conftest import compose_config, run_cli
 
@@ -38,7 +39,7 @@ def test_recipe_composes_and_resolves(recipe, tmp_path):
     # (the sweep folder is set here because compose() does not resolve Hydra's own defaults for it; the CLI does)
     cfg = compose_config([f"recipe={recipe}", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     OmegaConf.resolve(cfg)
-    config_lib.validate(cfg)
+    validate(cfg)
     assert cfg.run_name == recipe
     assert isinstance(instantiate(cfg.distill.loss), DistillationLoss)
 
@@ -113,14 +114,35 @@ def test_validate_reports_every_problem_at_once(tmp_path):
             "distill.loss.temperature=0",
             "data.on_bad_example=ignore",
             "eval.splits=[dev]",
+            "callbacks=[default,qat]",
+            "callbacks.qat.start_fraction=1.5",
+            "export.formats=[onnx,apk]",
         ],
         tmp_path,
     )
-    with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.validate(cfg)
-    message = str(err.value)
-    for key in ("distill.loss.alpha", "distill.loss.temperature", "data.on_bad_example", "eval.splits"):
-        assert key in message
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    lines = str(err.value).splitlines()[1:]
+    expected = {
+        "distill.loss: ": ["alpha must be in [0, 1], got 1.5", "temperature must be > 0, got 0"],
+        "callbacks.qat: ": ["callbacks.qat.start_fraction=1.5"],
+        "export: ": ["unknown export format(s) ['apk']"],
+        "data.on_bad_example=": ["use fail or skip"],
+        "eval.splits has ['dev']": ["choose from train, val, test"],
+    }
+    for key, parts in expected.items():
+        line = next((line for line in lines if line.startswith(f"  - {key}")), None)
+        assert line is not None, f"no problem reported for {key}: {lines}"
+        for part in parts:
+            assert part in line, (part, line)
+    assert len(lines) == len(expected)
+
+
+def test_hard_label_stages_keep_the_configured_loss_settings(tmp_path):
+    """The baseline and the scratch teacher train with the configured loss (chunk_size included), alpha 0."""
+    cfg = compose_config(["distill=jsd", "distill.loss.chunk_size=7", "distill.loss.temperature=3"], tmp_path)
+    hard = training.hard_label_loss(cfg)
+    assert (hard.alpha, hard.chunk_size, hard.kind, hard.temperature) == (0.0, 7, "jsd", 3.0)
 
 
 def test_wrong_group_option_lists_the_valid_ones(tmp_path):

@@ -224,7 +224,7 @@ def test_a_cache_at_another_temperature_names_the_fix(cache, teacher_run, tmp_pa
 
 
 def test_config_mistakes_name_the_fix(tmp_path) -> None:
-    from autoglm_distill.config import ConfigError, validate
+    from autoglm_distill.validate import ConfigError, validate
     from tests.conftest import compose_config
 
     cfg = compose_config(["recipe=smoke", "distill.teacher=cached", "distill.cache.value_bits=0"], tmp_path)

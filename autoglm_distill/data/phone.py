@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 ROLES = ("system", "user", "assistant")
+ON_BAD_EXAMPLE = ("fail", "skip")  # data.on_bad_example
 
 
 class DataError(ValueError):

@@ -52,13 +52,16 @@ class ExportSettings:
     bars: Bars = field(default_factory=Bars)
 
     def __post_init__(self):
+        problems = []
         unknown = sorted(set(self.formats) - set(BACKENDS))
         if unknown:
-            raise ValueError(f"unknown export format(s) {unknown}; choose from {sorted(BACKENDS)}")
+            problems.append(f"unknown export format(s) {unknown}; choose from {sorted(BACKENDS)}.")
         if self.max_context <= self.max_new_tokens:
-            raise ValueError(
-                f"export.max_context={self.max_context} must exceed export.max_new_tokens={self.max_new_tokens}"
+            problems.append(
+                f"export.max_context={self.max_context} must exceed export.max_new_tokens={self.max_new_tokens}."
             )
+        if problems:
+            raise ValueError(" ".join(problems))
         if isinstance(self.bars, Mapping):  # from a config (DictConfig) or JSON
             self.bars = Bars(**dict(self.bars))
 
