@@ -17,11 +17,6 @@ from torchmetrics import Metric
 _FINISH = "finish(message="
 _DO = "do(action="
 POINT_ACTIONS = ("Tap", "Long Press")  # actions whose target is a single point on screen
-# The project's own short system prompt (synthetic data, the export runner's default); not Open-AutoGLM's.
-SYSTEM_PROMPT = (
-    "You operate a phone. Reply <think>why</think><answer>ACTION</answer>; ACTION is "
-    "do(action=Tap|Long Press|Type|Swipe|Launch|Back|Home|Wait, ...) or finish(message=...)."
-)
 
 
 def split_response(text: str) -> tuple[str, str]:

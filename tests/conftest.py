@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny synthetic data, a tiny GLM tokenizer and a composed config, all made locally."""
+"""Shared fixtures: tiny synthetic data, a tiny GLM tokenizer, a composed config and one real smoke run, all made
+locally.
+
+Tests marked ``slow`` (full three-format exports, DDP, kill -9, multirun, the wheel build) are left out of the inner
+loop, ``pytest -m "not slow"``; ``make test`` runs everything."""
 
 from __future__ import annotations
 
@@ -76,6 +80,42 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg.paths.root_dir = str(output_dir)
         del cfg["hydra"]
     return cfg
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One real ``python -m autoglm_distill recipe=smoke`` run (scratch teacher, distill, baseline, eval), shared:
+    CLI tests that need a trained teacher, its data or a run folder reuse this one instead of training their own."""
+    run_dir = tmp_path_factory.mktemp("smoke")
+    proc = run_cli(["recipe=smoke", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def reuse_teacher(run_dir: Path) -> list[str]:
+    """Overrides that load the teacher a smoke run trained (and its data) instead of training one again."""
+    return [
+        "teacher=pretrained",
+        f"teacher.path={run_dir / 'teacher'}",
+        f"data.path={run_dir / 'data'}",
+        "data.generate=null",
+    ]
+
+
+def main_in_process(args: list[str], monkeypatch) -> int | str | None:
+    """``python -m autoglm_distill <args>`` in this process (Hydra's CLI parsing and error printing included, without
+    the interpreter start-up); returns the exit code, 0 when it returned."""
+    from autoglm_distill import run as run_lib
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["autoglm_distill", *args])
+    try:
+        run_lib.main()
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        GlobalHydra.instance().clear()
+    return 0
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

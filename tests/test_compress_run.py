@@ -15,6 +15,7 @@ from .conftest import TINY_TEXT, compose_config, run_cli
 from .test_run import quick_export
 
 
+@pytest.mark.slow
 def test_smoke_run_with_pruned_teacher_init_pruning_and_qat_exports_a_smaller_verified_student(tmp_path):
     proc = run_cli(
         [

@@ -15,7 +15,7 @@ from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, count_parameters
 from autoglm_distill.validate import ConfigError, validate
 
-from .conftest import compose_config, run_cli
+from .conftest import compose_config, main_in_process
 
 GROUPS = ("teacher", "student", "data", "distill", "trainer", "callbacks", "logger", "paths", "hydra")
 
@@ -151,16 +151,16 @@ def test_wrong_group_option_lists_the_valid_ones(tmp_path):
     assert "student/huge" in str(err.value)
 
 
-def test_cli_wrong_recipe_fails_with_the_list_of_recipes(tmp_path):
-    proc = run_cli(["recipe=phone_smal", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "Could not find 'recipe/phone_smal'" in proc.stderr
+def test_cli_wrong_recipe_fails_with_the_list_of_recipes(tmp_path, monkeypatch, capsys):
+    assert main_in_process(["recipe=phone_smal", f"hydra.run.dir={tmp_path}"], monkeypatch) != 0
+    stderr = capsys.readouterr().err
+    assert "Could not find 'recipe/phone_smal'" in stderr
     for name in recipes():
-        assert name in proc.stderr
+        assert name in stderr
 
 
-def test_cli_wrong_override_key_fails_and_names_it(tmp_path):
-    proc = run_cli(["recipe=smoke", "distill.loss.temprature=3", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "temprature" in proc.stderr
+def test_cli_wrong_override_key_fails_and_names_it(tmp_path, monkeypatch, capsys):
+    args = ["recipe=smoke", "distill.loss.temprature=3", f"hydra.run.dir={tmp_path}"]
+    assert main_in_process(args, monkeypatch) != 0
+    assert "temprature" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()

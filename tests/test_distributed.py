@@ -39,6 +39,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
     return run_dir, probe
 
 
+@pytest.mark.slow
 def test_ddp_reduces_the_loss_and_metrics_across_both_ranks(ddp_run):
     run_dir, probe = ddp_run
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -63,6 +64,7 @@ def test_ddp_reduces_the_loss_and_metrics_across_both_ranks(ddp_run):
     assert high - low > 1e-5 * high and low < final < high
 
 
+@pytest.mark.slow
 def test_ddp_only_rank_zero_writes_files(ddp_run):
     run_dir, _ = ddp_run
     # Rank 1 leaves its own log (train_ddp_process_1.log, Hydra's file for that process) and nothing else:

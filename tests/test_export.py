@@ -116,6 +116,7 @@ def test_greedy_generate_matches_hf_generate(model, prompts):
         _greedy(model, [1] * MAX_CONTEXT, 32, eos)
 
 
+@pytest.mark.slow
 def test_every_format_and_precision_is_written_and_passes(exported):
     out, manifest = exported
     kinds = {(a["format"], a["precision"]) for a in manifest["artifacts"]}
@@ -147,6 +148,7 @@ def test_every_format_and_precision_is_written_and_passes(exported):
             assert parity["prefill_max_abs_diff"] > 0  # really quantized, not the fp32 graph again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_coreml_structural_check_catches_a_weight_that_differs(exported, model, precision):
     import copy
@@ -166,6 +168,7 @@ def test_coreml_structural_check_catches_a_weight_that_differs(exported, model, 
     assert not check["passed"] and check["worst_weight_error_in_tolerances"] > 1.0
 
 
+@pytest.mark.slow
 def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
     _, manifest = exported
     size = {}
@@ -179,6 +182,7 @@ def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
     assert all(a["quantization"]["embedding_dtype"] in ("int8", "uint8") for a in onnx_int8)
 
 
+@pytest.mark.slow
 def test_int8_is_well_under_half_of_fp32_on_a_wider_student(tokenizer, tmp_path):
     torch.manual_seed(0)
     wide = build_model(
@@ -209,6 +213,7 @@ def test_int8_is_well_under_half_of_fp32_on_a_wider_student(tokenizer, tmp_path)
     assert size[("tflite", "int8")] < 0.4 * size[("tflite", "fp32")]
 
 
+@pytest.mark.slow
 def test_manifest_files_hashes_and_io_spec(exported, model):
     out, manifest = exported
     vocab = model.config.vocab_size
@@ -237,6 +242,7 @@ def test_manifest_files_hashes_and_io_spec(exported, model):
     assert [p.name for p in out.parent.iterdir() if p.name != out.name] == []  # no temp folder left
 
 
+@pytest.mark.slow
 def test_each_file_carries_its_key_facts(exported):
     out, manifest = exported
     readers = {"onnx": onnx.read_metadata, "tflite": tflite.read_metadata, "coreml": coreml.read_metadata}
@@ -248,6 +254,7 @@ def test_each_file_carries_its_key_facts(exported):
         assert (json.loads(eos) if isinstance(eos, str) else eos) == manifest["model"]["eos_token_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_reference_runner_generates_what_pytorch_generates(exported, model, tokenizer, fmt):
     out, _ = exported
@@ -258,6 +265,7 @@ def test_reference_runner_generates_what_pytorch_generates(exported, model, toke
     assert result["prompt_tokens"] == len(prompt) and result["tokens"] == expected
 
 
+@pytest.mark.slow
 def test_reference_runner_errors_name_the_fix(exported, tmp_path):
     out, _ = exported
     with pytest.raises(runner.ExportFolderError, match="not a finished export folder"):
@@ -273,6 +281,7 @@ def test_reference_runner_errors_name_the_fix(exported, tmp_path):
     assert proc.returncode != 0 and "not a finished export folder" in proc.stderr
 
 
+@pytest.mark.slow
 def test_reference_runner_refuses_a_damaged_artifact(exported, tmp_path):
     import shutil
 
@@ -347,6 +356,7 @@ def test_export_name_of_a_run_folder():
     assert config_lib.export_name("/models/my-student") == "my-student"
 
 
+@pytest.mark.slow
 def test_cli_exports_a_saved_student(model, tokenizer, data_dir, tmp_path):
     student = tmp_path / "run" / "student"
     model.save_pretrained(student)
@@ -381,6 +391,7 @@ def test_cli_exports_a_saved_student(model, tokenizer, data_dir, tmp_path):
     assert bad.returncode != 0 and "is not a model folder" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predict runs on macOS only")
 def test_coreml_predict_matches_pytorch_on_macos(exported, model):
     out, manifest = exported
@@ -452,6 +463,7 @@ def test_glm4v_graphs_match_hf(vision_model, vision_goldens, encoder):
             sequence.append(token)
 
 
+@pytest.mark.slow
 def test_glm4v_every_format_and_precision_passes(vision_exported, vision_model):
     out, manifest = vision_exported
     image = manifest["model"]["image"]
@@ -471,6 +483,7 @@ def test_glm4v_every_format_and_precision_passes(vision_exported, vision_model):
     assert (out / "tokenizer" / "preprocessor_config.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_glm4v_reference_runner_generates_what_pytorch_generates(vision_exported, vision_model, encoder, data_dir, fmt):
     from autoglm_distill.data.phone import read_split

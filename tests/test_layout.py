@@ -54,7 +54,7 @@ def test_no_import_cycle_between_parts():
         return seen
 
     cycles = sorted(unit for unit in graph if unit in reach(unit))
-    assert not cycles, f"import cycles through {cycles}: {({u: sorted(graph[u]) for u in cycles})}"
+    assert not cycles, f"import cycles through {cycles}: { ({u: sorted(graph[u]) for u in cycles}) }"
 
 
 @pytest.mark.parametrize("leaf", sorted(ALLOWED))

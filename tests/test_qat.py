@@ -92,6 +92,7 @@ def test_converted_weights_sit_on_the_int8_grid_and_config_json_records_qat(qat_
     assert qat_record(AutoModelForCausalLM.from_pretrained(tmp_path))["weights_on_int8_grid"]
 
 
+@pytest.mark.slow
 def test_qat_student_exports_passes_every_check_and_int8_onnx_holds_the_trained_weights(qat_run, tokenizer, tmp_path):
     student, *_ = qat_run
     manifest = export_student(student, tokenizer, tmp_path / "export", SETTINGS)
@@ -104,6 +105,7 @@ def test_qat_student_exports_passes_every_check_and_int8_onnx_holds_the_trained_
     assert errors and max(errors) < 1e-3
 
 
+@pytest.mark.slow
 def test_a_float_student_gets_ptq_rounding_in_the_same_check(tokenizer, tmp_path):
     torch.manual_seed(0)
     student = build_model("glm4", {**TINY_TEXT, "num_hidden_layers": 2}, tokenizer)

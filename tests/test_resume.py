@@ -38,6 +38,7 @@ def straight(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_ckpt_path_last_ends_with_the_same_metrics(straight, tmp_path):
     crashed = tmp_path / "crashed"
     same = [*RUN, "teacher=pretrained", f"teacher.path={straight / 'teacher'}", f"hydra.run.dir={crashed}"]
@@ -62,6 +63,7 @@ def test_kill_9_mid_training_then_ckpt_path_last_ends_with_the_same_metrics(stra
     assert read_summary(crashed)["stages"]["distill"]["steps"] == 8
 
 
+@pytest.mark.slow
 def test_resume_without_the_rng_state_would_not_be_exact(straight, tmp_path):
     """The check above can fail: without the ResumeRng callback the dropout masks after the resume differ."""
     crashed = tmp_path / "crashed"
@@ -72,6 +74,7 @@ def test_resume_without_the_rng_state_would_not_be_exact(straight, tmp_path):
     assert logged(crashed, "train/loss")[4] != logged(straight, "train/loss")[4]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(straight, tmp_path):
     proc = run_cli(
         [

@@ -10,17 +10,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from .conftest import read_summary, run_cli
+from autoglm_distill.run import run
+from autoglm_distill.validate import ConfigError
 
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("smoke")
-    proc = run_cli(["recipe=smoke", f"hydra.run.dir={run_dir}"], cwd=run_dir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir
+from .conftest import compose_config, read_summary, reuse_teacher, run_cli
 
 
 def test_smoke_run_leaves_summary_student_and_offline_wandb_run(smoke_run):
@@ -61,10 +57,11 @@ def quick_export(tmp_path: Path, fmt: str, int8_min_top1: float = 0.3) -> list[s
     ]
 
 
-def test_text_only_student_with_csv_logger(tmp_path):
+def test_text_only_student_with_csv_logger(smoke_run, tmp_path):
     proc = run_cli(
         [
             "recipe=smoke",
+            *reuse_teacher(smoke_run),
             "student=tiny_text",
             "logger=csv",
             "baseline=false",
@@ -88,10 +85,12 @@ def test_text_only_student_with_csv_logger(tmp_path):
     assert manifest["source"] == str(tmp_path / "student")
 
 
-def test_smoke_run_exports_its_image_text_student(tmp_path):
+@pytest.mark.slow
+def test_smoke_run_exports_its_image_text_student(smoke_run, tmp_path):
     proc = run_cli(
         [
             "recipe=smoke",
+            *reuse_teacher(smoke_run),
             "baseline=false",
             *quick_export(tmp_path, "onnx"),
             f"hydra.run.dir={tmp_path}",
@@ -130,22 +129,15 @@ def test_resume_from_last_checkpoint_continues_the_step_count(smoke_run, tmp_pat
 
 
 def test_missing_checkpoint_names_the_fix(tmp_path):
-    proc = run_cli(["recipe=smoke", "ckpt_path=/nowhere/x.ckpt", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "ckpt_path='/nowhere/x.ckpt': no checkpoint" in proc.stderr
+    with pytest.raises(FileNotFoundError, match="ckpt_path='/nowhere/x.ckpt': no checkpoint"):
+        run(compose_config(["recipe=smoke", "ckpt_path=/nowhere/x.ckpt"], tmp_path))
+    assert not (tmp_path / "data").exists(), "work started before the checkpoint was checked"
 
 
 def test_failed_run_still_writes_summary_and_finishes_wandb(tmp_path):
-    proc = run_cli(
-        [
-            "recipe=smoke",
-            "teacher=pretrained",
-            f"teacher.path={tmp_path / 'no-teacher'}",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-    )
-    assert proc.returncode != 0
+    cfg = compose_config(["recipe=smoke", "teacher=pretrained", f"teacher.path={tmp_path / 'no-teacher'}"], tmp_path)
+    with pytest.raises(Exception, match="no config.json"):
+        run(cfg)
     summary = read_summary(tmp_path)
     assert summary["status"] == "failed"
     assert "teacher.path=" in summary["error"] and "no config.json" in summary["error"]
@@ -154,11 +146,11 @@ def test_failed_run_still_writes_summary_and_finishes_wandb(tmp_path):
 
 
 def test_partial_data_generate_from_a_recipe_is_reported(tmp_path):
-    proc = run_cli(["recipe=smoke", "data=jsonl", "data.path=/data/x", f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "data.generate lacks" in proc.stderr and "data.generate=null" in proc.stderr
+    with pytest.raises(ConfigError, match=r"data.generate lacks(.|\n)*data.generate=null"):
+        run(compose_config(["recipe=smoke", "data=jsonl", "data.path=/data/x"], tmp_path))
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_each_run_into_its_own_folder(tmp_path):
     """Also runs without any logger or callback (no checkpoints, plain progress bar)."""
     proc = run_cli(
@@ -183,6 +175,7 @@ def test_multirun_sweeps_each_run_into_its_own_folder(tmp_path):
     assert (tmp_path / "sweep_report.png").is_file()
 
 
+@pytest.mark.slow
 def test_built_wheel_carries_conf_and_recipes(tmp_path):
     """`pip install <wheel>` then `python -m autoglm_distill recipe=demo` finds its config inside the package."""
     root = Path(__file__).resolve().parents[1]
@@ -208,7 +201,7 @@ def test_built_wheel_carries_conf_and_recipes(tmp_path):
     assert (site / "autoglm_distill/recipes/demo.yaml").is_file()
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run(
-        [sys.executable, "-m", "autoglm_distill", "recipe=demo", "--cfg", "job"],
+        [sys.executable, "-m", "autoglm_distill", "recipe=demo", "--cfg", "job", "--resolve"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -216,10 +209,10 @@ def test_built_wheel_carries_conf_and_recipes(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (
-        "run_name: demo" in proc.stdout.replace("${hydra:runtime.choices.recipe}", "demo")
-        or "scratch_text" in proc.stdout
-    )
+    # The demo recipe, read from inside the wheel, resolved: its name and two values only it sets.
+    job = yaml.safe_load(proc.stdout)
+    assert job["run_name"] == "demo"
+    assert job["teacher"]["scratch"]["arch"] == "glm4" and job["optimizer"]["lr"] == 3.0e-3
     probe = subprocess.run(
         [sys.executable, "-c", "import autoglm_distill.config as c; print(c.CONF_DIR)"],
         cwd=tmp_path,

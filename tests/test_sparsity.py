@@ -224,6 +224,7 @@ def exported(unstructured, tokenizer, tmp_path_factory):
     return student, out, export_student(student, tokenizer, out, SETTINGS, source="tests")
 
 
+@pytest.mark.slow
 def test_a_sparse_student_exports_and_passes_every_check(exported):
     _, out, manifest = exported
     assert manifest["model"]["weight_sparsity"] == {
@@ -246,6 +247,7 @@ def test_a_sparse_student_exports_and_passes_every_check(exported):
             assert not storage["sparse"] and storage["detail"] == DENSE_FORMAT
 
 
+@pytest.mark.slow
 def test_the_dense_claim_for_onnx_and_tflite_is_true(exported):
     import onnx
     from ai_edge_litert.tools import flatbuffer_utils
@@ -260,6 +262,7 @@ def test_the_dense_claim_for_onnx_and_tflite_is_true(exported):
             assert tensors and all(t.sparsity is None for t in tensors)
 
 
+@pytest.mark.slow
 def test_core_ml_sparse_packages_are_smaller_than_dense_ones_of_the_same_student(exported, tmp_path):
     student, out, manifest = exported
     facts = {**manifest["model"], "weight_sparsity": {**manifest["model"]["weight_sparsity"], "pattern": None}}
@@ -277,6 +280,7 @@ def test_core_ml_sparse_packages_are_smaller_than_dense_ones_of_the_same_student
         assert blob[0] < 0.85 * blob[1], (artifact["file"], blob)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", coreml.PRECISIONS)
 def test_the_sparse_structural_check_catches_a_wrong_weight(exported, precision):
     student, out, manifest = exported

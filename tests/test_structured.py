@@ -221,6 +221,7 @@ def test_resuming_a_pruned_checkpoint_into_the_unpruned_student_names_the_fix(to
         module().on_load_checkpoint(checkpoint)
 
 
+@pytest.mark.slow
 def test_a_pruned_student_exports_smaller_files_that_pass_every_check(tokenizer, data_dir, tmp_path):
     from autoglm_distill.export import Bars, ExportSettings, export_student
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from autoglm_distill.actions import SYSTEM_PROMPT, action_type, try_parse
-from autoglm_distill.data import synth
-from autoglm_distill.data.phone import SPLITS
+from autoglm_distill.actions import action_type, try_parse
+from autoglm_distill.data import SPLITS, SYSTEM_PROMPT, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_train": 50, "n_val": 10, "n_test": 10}

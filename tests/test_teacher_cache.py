@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from autoglm_distill.data.prepare import data_module
 from autoglm_distill.losses import DistillationLoss, HeadTargets, TopKTargets
+from autoglm_distill.run import run
 from autoglm_distill.teacher_cache import TeacherCache, TeacherCacheError, decode, encode, top_k
+from autoglm_distill.teacher_cache.__main__ import build_cache
+from autoglm_distill.validate import ConfigError, validate
 
-from .conftest import run_cli
+from .conftest import compose_config, run_cli
 
 
 def sample(n: int = 40, vocab: int = 5000, k: int = 64, seed: int = 0):
@@ -80,12 +84,9 @@ def run_module(module: str, args: list[str], cwd: Path) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory) -> Path:
-    """A smoke run whose scratch-trained tiny GLM-4.1V teacher (and data) the cache tests share."""
-    run_dir = tmp_path_factory.mktemp("teacher_run")
-    proc = run_cli([*SMOKE, "trainer.max_steps=2", "eval.limit=2", f"hydra.run.dir={run_dir}"], cwd=run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+def teacher_run(smoke_run) -> Path:
+    """The shared smoke run: its scratch-trained tiny GLM-4.1V teacher (and data) are what the cache tests cache."""
+    return smoke_run
 
 
 def cache_args(teacher_run: Path, cache_dir: Path, *extra: str) -> list[str]:
@@ -123,9 +124,6 @@ def test_cached_targets_at_full_k_give_the_dense_teacher_loss(cache, teacher_run
     """k = V (the whole vocabulary) at 16 bits: the cached loss of a batch equals the live teacher's."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    from autoglm_distill.run import data_module
-    from tests.conftest import compose_config
-
     cfg = compose_config(cache_args(teacher_run, cache), teacher_run)
     opened = TeacherCache(cache)
     tok = AutoTokenizer.from_pretrained(cache)
@@ -156,14 +154,18 @@ def test_training_from_the_cache_never_loads_the_teacher(cache, teacher_run, tmp
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["teacher_cache"]["value_bits"] == 16
     assert "teacher" not in summary["eval"]
-    assert summary["stages"]["distill"]["val/top1_agreement"] >= 0
+    # Same seed, data, student init and steps as the smoke run's distill stage with the live teacher, and the cache
+    # holds the whole vocabulary at 16 bits: the student must have seen the same soft targets.
+    cached, live = summary["stages"]["distill"], json.loads((teacher_run / "summary.json").read_text())["stages"]
+    for key in ("val/kd", "val/ce", "val/top1_agreement"):
+        assert cached[key] == pytest.approx(live["distill"][key], rel=1e-3), key
     assert "Training from the teacher cache" in (run_dir / "run.log").read_text()
 
 
 def test_an_existing_cache_is_kept(cache, teacher_run) -> None:
     before = (cache / "index.json").read_text()
-    proc = run_module("autoglm_distill.teacher_cache", cache_args(teacher_run, cache), cache.parent)
-    assert proc.returncode != 0 and "distill.cache.overwrite=true" in proc.stderr
+    with pytest.raises(TeacherCacheError, match="distill.cache.overwrite=true"):
+        build_cache(compose_config(cache_args(teacher_run, cache), cache.parent / "cache_run"))
     assert (cache / "index.json").read_text() == before
 
 
@@ -204,9 +206,6 @@ def test_a_cache_for_other_data_is_refused(cache, teacher_run, tmp_path) -> None
     """Here the prompts lack the screenshot tokens the cache was written with."""
     from transformers import AutoTokenizer
 
-    from autoglm_distill.run import data_module
-    from tests.conftest import compose_config
-
     cfg = compose_config(cache_args(teacher_run, cache), teacher_run)
     tok = AutoTokenizer.from_pretrained(cache)
     datamodule = data_module(cfg, teacher_run / "data", tok, None, TeacherCache(cache))
@@ -215,18 +214,14 @@ def test_a_cache_for_other_data_is_refused(cache, teacher_run, tmp_path) -> None
 
 
 def test_a_cache_at_another_temperature_names_the_fix(cache, teacher_run, tmp_path) -> None:
-    run_dir = tmp_path / "run"
     args = [a for a in cache_args(teacher_run, cache) if not a.startswith("hydra.run.dir")]
-    proc = run_cli([*args, "distill.teacher=cache", "distill.loss.temperature=1.0", f"hydra.run.dir={run_dir}"],
-                   cwd=tmp_path)  # fmt: skip
-    assert proc.returncode != 0
-    assert "temperature 2.0 but distill.loss.temperature=1.0" in proc.stderr
+    cfg = compose_config([*args, "logger=none", "distill.teacher=cache", "distill.loss.temperature=1.0"], tmp_path)
+    with pytest.raises(ValueError, match="temperature 2.0 but distill.loss.temperature=1.0"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists(), "training started before the temperature was checked"
 
 
 def test_config_mistakes_name_the_fix(tmp_path) -> None:
-    from autoglm_distill.validate import ConfigError, validate
-    from tests.conftest import compose_config
-
     cfg = compose_config(["recipe=smoke", "distill.teacher=cached", "distill.cache.value_bits=0"], tmp_path)
     with pytest.raises(ConfigError, match=r"distill.teacher='cached': use model or cache(.|\n)*value_bits=0"):
         validate(cfg)

@@ -29,9 +29,10 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from autoglm_distill.data import SPLITS
+
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 ROLES = ("system", "user", "assistant")
 ON_BAD_EXAMPLE = ("fail", "skip")  # data.on_bad_example
 

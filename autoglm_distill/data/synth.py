@@ -23,8 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from autoglm_distill.actions import SYSTEM_PROMPT
-from autoglm_distill.data.phone import SPLITS
+from autoglm_distill.data import SPLITS, SYSTEM_PROMPT
 
 FORMAT_VERSION = 1
 # The parameters a folder was generated with; the folder appears whole (renamed into place), this file with it.

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoglm_distill.actions import SYSTEM_PROMPT, try_parse
+from autoglm_distill.data import SYSTEM_PROMPT
 
 Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -199,6 +199,7 @@ class Runner:
 
     def __call__(self, messages: list[dict], max_new_tokens: int = 64, root: str | Path = ".") -> dict:
         """Answer a chat (an assistant message, if any, is left out of the prompt); image paths are under ``root``."""
+        from autoglm_distill.actions import try_parse
 
         ids, pixel_values = self.encode(messages, Path(root))
         tokens = generate(self.steps, ids, self.manifest["model"], max_new_tokens, pixel_values)

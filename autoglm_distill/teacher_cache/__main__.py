@@ -24,7 +24,8 @@ from rich.progress import Progress
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
-from autoglm_distill.data.phone import SPLITS, model_inputs
+from autoglm_distill.data import SPLITS
+from autoglm_distill.data.phone import model_inputs
 from autoglm_distill.data.prepare import data_module, prepare_data
 from autoglm_distill.losses import auto_chunk_tokens
 from autoglm_distill.models import count_parameters, freeze, is_image_text, load_pretrained, vocab_size
