@@ -25,10 +25,9 @@ def test_smoke_run_with_pruned_teacher_init_pruning_and_qat_exports_a_smaller_ve
             "callbacks=[default,prune_structured,qat]",
             "callbacks.prune_structured.schedule=[0.25]",
             "callbacks.qat.start_fraction=0.5",
-            # After 4 steps this student's logits are near-tied, so int8 top-1 agreement is noise (it was 0.0 with
-            # the per-epoch seeded data order, 0.3+ before): the int8 graph is still built, run and its figures
-            # recorded; the fp32 artifact keeps the strict bar. The trained demo student meets the default 0.95.
-            *quick_export(tmp_path, "onnx", int8_min_top1=0.0),
+            # The QAT student's weights sit on the int8 grid, so its int8 graphs must follow the fp32 ones (measured:
+            # top-1 agreement 1.0, min cosine 0.99995); 0.9 leaves room for a near-tied position flipping elsewhere.
+            *quick_export(tmp_path, "onnx", int8_min_top1=0.9),
             f"hydra.run.dir={tmp_path}",
         ],
         cwd=tmp_path,
@@ -55,7 +54,8 @@ def test_smoke_run_with_pruned_teacher_init_pruning_and_qat_exports_a_smaller_ve
     assert manifest["model"]["qat"]["weights_on_int8_grid"]
     assert all(a["parity"]["passed"] for a in manifest["artifacts"])
     int8 = [a["parity"] for a in manifest["artifacts"] if a["precision"] == "int8"]
-    assert int8 and all(0.9 < p["min_cosine"] <= 1.0 and 0.0 <= p["top1_agreement"] <= 1.0 for p in int8)
+    assert int8 and all(p["min_cosine"] > 0.999 and p["top1_agreement"] >= 0.9 for p in int8)
+    assert all(p["bar"] == "top-1 agreement >= 0.9" for p in int8)
 
 
 def test_compression_config_mistakes_are_reported_with_the_fix(tmp_path):
