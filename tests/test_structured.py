@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from autoglm_distill.compress.structured import (
     PruningError,
     Shape,
-    StructuredPruning,
     importance,
     plan,
     prune,
     prune_to,
 )
+from autoglm_distill.compress.structured_callback import StructuredPruning
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule, model_inputs
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, count_parameters, freeze
