@@ -9,6 +9,7 @@ scored by the same rules the real agent loop applies to its output. Where we dif
 from __future__ import annotations
 
 import ast
+import hashlib
 from typing import Any
 
 import torch
@@ -16,7 +17,10 @@ from torchmetrics import Metric
 
 _FINISH = "finish(message="
 _DO = "do(action="
-POINT_ACTIONS = ("Tap", "Long Press")  # actions whose target is a single point on screen
+POINT_ACTIONS = ("Tap", "Long Press", "Double Tap")  # actions whose target is a single point on screen
+# Grounding protocol 2 (AndroidControl-style): a point within 14% of the screen's extent of the reference point,
+# distance measured on the normalised [0, 1] screen (the 0-1000 grid divided by 1000).
+NEAR_FRACTION = 0.14
 
 
 def split_response(text: str) -> tuple[str, str]:
@@ -108,52 +112,128 @@ def action_type(action: dict[str, Any]) -> str:
     return str(action.get("action", ""))
 
 
+def _point(value: Any) -> tuple[float, float] | None:
+    """``value`` as an ``(x, y)`` pair of numbers, or None when it is not one."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return None
+    return float(value[0]), float(value[1])
+
+
 def _point_in_box(point: Any, box: list[int]) -> bool:
     """Whether ``point`` is an ``[x, y]`` pair of numbers inside ``box`` (edges included)."""
-    if not isinstance(point, list | tuple) or len(point) != 2:
-        return False
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in point):
+    xy = _point(point)
+    if xy is None:
         return False
     x1, y1, x2, y2 = box
-    return x1 <= point[0] <= x2 and y1 <= point[1] <= y2
+    return x1 <= xy[0] <= x2 and y1 <= xy[1] <= y2
+
+
+def _point_near(point: Any, reference: Any, fraction: float = NEAR_FRACTION) -> bool:
+    """Whether ``point`` lies within ``fraction`` of the screen of ``reference`` (both on the 0-1000 grid)."""
+    xy, ref = _point(point), _point(reference)
+    if xy is None or ref is None:
+        return False
+    return ((xy[0] - ref[0]) ** 2 + (xy[1] - ref[1]) ** 2) ** 0.5 <= fraction * 1000
+
+
+def normalise_text(text: Any) -> str:
+    """Typed text as compared for step success: case-folded, outer whitespace stripped, inner runs collapsed."""
+    return " ".join(str(text).casefold().split())
+
+
+def _swipe_direction(action: dict[str, Any]) -> str | None:
+    """``up``/``down``/``left``/``right``: the finger's dominant direction from ``start`` to ``end``."""
+    start, end = _point(action.get("start")), _point(action.get("end"))
+    if start is None or end is None or start == end:
+        return None
+    dx, dy = end[0] - start[0], end[1] - start[1]
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def step_correct(pred: dict[str, Any] | None, ref: dict[str, Any], bbox: list[int] | None) -> bool:
+    """Whether a predicted action does what the reference does (AndroidControl's step accuracy, on Open-AutoGLM's
+    actions): the same type and every argument right. A point (Tap, Long Press, Double Tap) must land inside the
+    target box when the reference has one, else within ``NEAR_FRACTION`` of the reference point; Type text and the
+    Launch app are compared after ``normalise_text``; a Swipe must move the same way (its dominant direction).
+    Actions without arguments, Wait's duration and finish's message: the type alone decides."""
+    if pred is None or action_type(pred) != action_type(ref):
+        return False
+    kind = action_type(ref)
+    if kind in POINT_ACTIONS:
+        if bbox is not None:
+            return _point_in_box(pred.get("element"), bbox)
+        return _point_near(pred.get("element"), ref.get("element"))
+    if kind in ("Type", "Type_Name"):
+        return normalise_text(pred.get("text", "")) == normalise_text(ref.get("text", ""))
+    if kind == "Launch":
+        return normalise_text(pred.get("app", "")) == normalise_text(ref.get("app", ""))
+    if kind == "Swipe":
+        return _swipe_direction(pred) is not None and _swipe_direction(pred) == _swipe_direction(ref)
+    return True
 
 
 class ActionMetrics(Metric):
-    """Action-level accuracy of generated answers against reference answers.
+    """Action-level accuracy of generated answers against reference answers, as GUI-agent papers report it.
 
-    ``compute()`` returns ``parse_rate``, ``action_type_acc``, ``tap_in_element`` (over Tap/Long Press
-    references that come with a target box), ``exact_match`` and ``n``. States are sum-reduced counters,
-    so the metric aggregates correctly across DDP ranks.
+    ``compute()`` returns:
+
+    - ``parse_rate``: answers that parse by Open-AutoGLM's rules;
+    - ``action_type_acc``: the right action type;
+    - grounding, over point references (Tap, Long Press, Double Tap), two protocols: ``tap_in_element`` (inside
+      the target element's box; only references that have one) and ``tap_within_14pct`` (within 14% of the screen
+      of the reference point; all of them);
+    - ``step_success``: the right type and every argument right (``step_correct``);
+    - ``exact_match``: the parsed action equals the reference's, argument for argument;
+    - ``episode_success`` (only when ``update`` was given episode ids): episodes whose every step succeeded;
+    - ``n``: steps scored.
+
+    Counters are sum-reduced and the per-step episode records concatenated, so it aggregates across DDP ranks.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    _STATES = ("total", "parsed", "type_correct", "exact", "tap_total", "tap_hit")
+    _STATES = ("total", "parsed", "type_correct", "exact", "step_ok", "tap_total", "tap_hit", "point_total", "near")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         for name in self._STATES:
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # One entry per step scored with an episode id: a stable 64-bit key of the id (the same on every rank) and
+        # whether the step succeeded.
+        self.add_state("episode_key", default=[], dist_reduce_fx="cat")
+        self.add_state("episode_step_ok", default=[], dist_reduce_fx="cat")
 
-    def update(self, predictions: list[str], references: list[str], bboxes: list[list[int] | None]) -> None:
+    def update(
+        self,
+        predictions: list[str],
+        references: list[str],
+        bboxes: list[list[int] | None],
+        episodes: list[str] | None = None,
+    ) -> None:
         """Score a batch.
 
         Args:
             predictions: Raw generated assistant texts.
             references: Reference assistant texts (must parse).
-            bboxes: Target element box ``[x1, y1, x2, y2]`` (0-1000 grid) for Tap/Long Press
-                references, else ``None``.
+            bboxes: Target element box ``[x1, y1, x2, y2]`` (0-1000 grid) for point references, else ``None``.
+            episodes: the episode each step belongs to (for ``episode_success``), or None.
 
         Raises:
             ValueError: If the lists differ in length or a reference does not parse.
         """
-        if not len(predictions) == len(references) == len(bboxes):
+        if not len(predictions) == len(references) == len(bboxes) == len(episodes or bboxes):
             raise ValueError(
                 f"length mismatch: {len(predictions)} predictions, {len(references)} references, {len(bboxes)} bboxes"
+                + (f", {len(episodes)} episode ids" if episodes is not None else "")
             )
         counts = dict.fromkeys(self._STATES, 0)
+        step_ok = []
         for pred_text, ref_text, bbox in zip(predictions, references, bboxes, strict=True):
             ref = try_parse(ref_text)
             if ref is None:  # references come from our data; a failure here is a data bug, not a miss
@@ -164,11 +244,21 @@ class ActionMetrics(Metric):
             counts["parsed"] += pred is not None
             counts["type_correct"] += same_type
             counts["exact"] += pred == ref
-            if bbox is not None and action_type(ref) in POINT_ACTIONS:
-                counts["tap_total"] += 1
-                counts["tap_hit"] += same_type and _point_in_box(pred.get("element"), bbox)
+            step_ok.append(step_correct(pred, ref, bbox))
+            counts["step_ok"] += step_ok[-1]
+            if action_type(ref) in POINT_ACTIONS:
+                counts["point_total"] += 1
+                counts["near"] += same_type and _point_near(pred.get("element"), ref.get("element"))
+                if bbox is not None:
+                    counts["tap_total"] += 1
+                    counts["tap_hit"] += same_type and _point_in_box(pred.get("element"), bbox)
         for name, value in counts.items():
             getattr(self, name).add_(int(value))
+        if episodes is not None:
+            keys = [int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "big", signed=True)
+                    for e in episodes]  # fmt: skip
+            self.episode_key.append(torch.tensor(keys, dtype=torch.long))
+            self.episode_step_ok.append(torch.tensor(step_ok, dtype=torch.long))
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Return the rates (0.0 when their denominator is empty) and the example count ``n``."""
@@ -177,10 +267,20 @@ class ActionMetrics(Metric):
             # num is 0 whenever den is 0, so clamping gives 0.0 instead of nan.
             return num.float() / den.clamp(min=1).float()
 
-        return {
+        out = {
             "parse_rate": ratio(self.parsed, self.total),
             "action_type_acc": ratio(self.type_correct, self.total),
             "tap_in_element": ratio(self.tap_hit, self.tap_total),
+            "tap_within_14pct": ratio(self.near, self.point_total),
+            "step_success": ratio(self.step_ok, self.total),
             "exact_match": ratio(self.exact, self.total),
             "n": self.total.float(),
         }
+        keys, ok = self.episode_key, self.episode_step_ok
+        if isinstance(keys, list):  # torchmetrics leaves list states as lists when nothing was synced
+            keys, ok = (torch.cat(keys), torch.cat(ok)) if keys else (None, None)
+        if keys is not None and keys.numel():
+            _, episode = torch.unique(keys, return_inverse=True)
+            failed = torch.zeros(int(episode.max()) + 1, dtype=torch.long).index_add_(0, episode, 1 - ok)
+            out["episode_success"] = (failed == 0).float().mean()
+        return out

@@ -145,7 +145,17 @@ def evaluate_models(
     return results
 
 
-TABLE_COLUMNS = ["params", "action_type_acc", "tap_in_element", "exact_match", "parse_rate", "top1_agreement", "ce"]
+TABLE_COLUMNS = [
+    "params",
+    "action_type_acc",
+    "tap_in_element",
+    "tap_within_14pct",
+    "step_success",
+    "exact_match",
+    "parse_rate",
+    "top1_agreement",
+    "ce",
+]
 
 
 def eval_rows(results: dict[str, dict], split: str) -> list[list[str]]:

@@ -14,7 +14,15 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from autoglm_distill.utils import masked_argv, redact, write_json_atomic
 
-EVAL_TABLE_COLUMNS = ("params", "action_type_acc", "tap_in_element", "exact_match", "top1_agreement")
+EVAL_TABLE_COLUMNS = (
+    "params",
+    "action_type_acc",
+    "tap_in_element",
+    "tap_within_14pct",
+    "step_success",
+    "exact_match",
+    "top1_agreement",
+)
 
 
 def start_loggers(cfg: DictConfig, prefix: str = "") -> list:

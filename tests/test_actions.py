@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from autoglm_distill.actions import ActionMetrics, action_type, parse_action, split_response, try_parse
+from autoglm_distill.actions import (
+    ActionMetrics,
+    action_type,
+    normalise_text,
+    parse_action,
+    split_response,
+    step_correct,
+    try_parse,
+)
 
 
 def wrap(action: str, think: str = "I look at the screen.") -> str:
@@ -116,7 +124,9 @@ def test_metrics_hand_computed_batch() -> None:
     metric.update(preds[:4], refs[:4], boxes[:4])  # two batches accumulate like one
     metric.update(preds[4:], refs[4:], boxes[4:])
     out = metric.compute()
-    assert set(out) == {"parse_rate", "action_type_acc", "tap_in_element", "exact_match", "n"}
+    assert set(out) == {
+        "parse_rate", "action_type_acc", "tap_in_element", "tap_within_14pct", "step_success", "exact_match", "n"
+    }  # fmt: skip
     assert out["n"].item() == 9
     assert out["parse_rate"].item() == pytest.approx(8 / 9)
     assert out["action_type_acc"].item() == pytest.approx(7 / 9)
@@ -149,3 +159,51 @@ def test_metrics_input_errors() -> None:
         metric.update(["a"], [], [])
     with pytest.raises(ValueError, match="reference answer does not parse"):
         metric.update(["a"], ["not an action"], [None])
+
+
+def test_field_metrics_on_hand_made_predictions() -> None:
+    """Both grounding protocols, step success (arguments judged as GUI-agent papers do) and episode success."""
+    box = [400, 100, 600, 200]
+    rows = [  # prediction, reference, box, episode   -> in box, within 14%, step ok, exact
+        ('do(action="Tap", element=[500,150])', 'do(action="Tap", element=[500,150])', box, "e1"),  # 1 1 1 1
+        ('do(action="Tap", element=[610,150])', 'do(action="Tap", element=[500,150])', box, "e1"),  # 0 1 0 0
+        ('do(action="Tap", element=[600,260])', 'do(action="Tap", element=[500,150])', None, "e2"),  # - 0 0 0
+        ('do(action="Double Tap", element=[550,250])', 'do(action="Double Tap", element=[500,150])', None, "e2"),
+        # ^ distance 111.8 <= 140: - 1 1 0
+        ('do(action="Type", text=" Hello   World")', 'do(action="Type", text="hello world")', None, "e3"),  # 1 0
+        ('do(action="Launch", app="maps")', 'do(action="Launch", app="Maps")', None, "e3"),  # step 1, exact 0
+        ('do(action="Swipe", start=[500,900], end=[520,100])', 'do(action="Swipe", start=[500,800], end=[500,200])',
+         None, "e3"),  # same direction (up): step 1, exact 0
+        ('do(action="Swipe", start=[500,200], end=[500,800])', 'do(action="Swipe", start=[500,800], end=[500,200])',
+         None, "e4"),  # opposite: step 0
+        ('finish(message="All set")', 'finish(message="Done")', None, "e5"),  # step 1, exact 0
+        ('do(action="Wait", duration="2 seconds")', 'do(action="Wait", duration="1 seconds")', None, "e5"),  # 1 0
+    ]  # fmt: skip
+    preds, refs, boxes, episodes = map(list, zip(*rows, strict=True))
+    metric = ActionMetrics()
+    metric.update([wrap(p) for p in preds[:5]], [wrap(r) for r in refs[:5]], boxes[:5], episodes[:5])
+    metric.update([wrap(p) for p in preds[5:]], [wrap(r) for r in refs[5:]], boxes[5:], episodes[5:])
+    out = {k: v.item() for k, v in metric.compute().items()}
+    assert out["tap_in_element"] == pytest.approx(1 / 2)  # the two references with a box
+    assert out["tap_within_14pct"] == pytest.approx(3 / 4)  # all four point references
+    assert out["step_success"] == pytest.approx(7 / 10)
+    assert out["exact_match"] == pytest.approx(1 / 10)
+    assert out["episode_success"] == pytest.approx(2 / 5)  # e3 and e5; e1, e2, e4 each miss a step
+
+
+def test_episode_success_only_when_episodes_are_given() -> None:
+    metric = ActionMetrics()
+    metric.update([wrap('do(action="Back")')], [wrap('do(action="Back")')], [None])
+    assert "episode_success" not in metric.compute()
+
+
+def test_step_correct_rules() -> None:
+    ref = {"_metadata": "do", "action": "Type", "text": "Coffee  shop"}
+    assert step_correct({"_metadata": "do", "action": "Type", "text": "coffee shop "}, ref, None)
+    assert not step_correct({"_metadata": "do", "action": "Type", "text": "coffee"}, ref, None)
+    assert not step_correct(None, ref, None)
+    tap = {"_metadata": "do", "action": "Tap", "element": [500, 500]}
+    assert step_correct({**tap, "element": [598, 598]}, tap, None)  # 138.6 from the reference: inside 14%
+    assert not step_correct({**tap, "element": [600, 600]}, tap, None)  # 141.4
+    assert not step_correct({**tap, "element": [598, 598]}, tap, [450, 450, 550, 550])  # the box decides
+    assert normalise_text("  A\tB  c ") == "a b c"

@@ -28,7 +28,9 @@ def test_smoke_run_leaves_summary_student_and_offline_wandb_run(smoke_run):
         assert key in summary["stages"]["distill"], key
     assert set(summary["eval"]) == {"teacher", "student", "baseline"}
     for model in summary["eval"].values():
-        assert {"action_type_acc", "tap_in_element", "exact_match", "parse_rate"} <= set(model["test"])
+        assert {"action_type_acc", "tap_in_element", "tap_within_14pct", "step_success", "exact_match"} <= set(
+            model["test"]
+        )
     assert summary["data"]["images"] is True
     assert summary["data"]["examples"] == {"train": 24, "val": 8, "test": 8}
     assert list((smoke_run / "wandb").glob("offline-run-*")), "no offline W&B run in the run dir"
