@@ -68,11 +68,14 @@ def generate_answers(
 
 
 def score_answers(answers: list[str], split: datasets.Dataset) -> dict[str, float]:
-    """Parse rate, action-type accuracy, tap-in-element and exact match against the references."""
+    """``ActionMetrics`` of ``answers`` against the split's references (with episode success when it has episodes)."""
     references = [json.loads(m)[-1]["content"] for m in split["messages"]]
     bboxes = [b or None for b in split["bbox"]]
+    # Episode success when the split holds episodes; a one-chat line counts as an episode of one step.
+    has_episodes = "episode" in split.column_names and any(split["episode"])
+    episodes = [e or i for e, i in zip(split["episode"], split["id"])] if has_episodes else None
     metric = ActionMetrics(sync_on_compute=False)  # all of the split is here (rank 0 evaluates alone)
-    metric.update(answers, references, bboxes)
+    metric.update(answers, references, bboxes, episodes)
     return {k: float(v) for k, v in metric.compute().items()}
 
 

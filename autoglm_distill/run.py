@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
-from autoglm_distill.data.phone import ChatEncoder, corpus_texts
+from autoglm_distill.data.phone import PhoneDataModule, corpus_texts
 from autoglm_distill.data.prepare import data_module, prepare_data
 from autoglm_distill.evaluate import evaluate_models, report_tables
 from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
@@ -154,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
 
         # 7. export
         if cfg.export.enabled:
-            summary["export"] = export_stage(cfg, student, tokenizer, datamodule.encoder, root, out_dir / "student")
+            summary["export"] = export_stage(cfg, student, tokenizer, datamodule, out_dir / "student")
     return summary
 
 
@@ -182,11 +182,12 @@ def train_scratch_teacher(cfg: DictConfig, root: Path, path: Path) -> dict:
     return metrics
 
 
-def export_stage(cfg: DictConfig, student, tokenizer, encoder: ChatEncoder, root: Path, source: Path) -> dict:
+def export_stage(cfg: DictConfig, student, tokenizer, datamodule: PhoneDataModule, source: Path) -> dict:
     """Export the distilled student; golden prompts are the val split's, encoded as in training. Returns one summary
     row per artifact."""
     settings = settings_from_config(cfg.export)
-    golden = data_goldens(root, encoder, limit=16 * settings.golden_prompts)
+    encoder = datamodule.encoder
+    golden = data_goldens(datamodule.root, encoder, 16 * settings.golden_prompts, datamodule.episode_format)
     log.info("Exporting the student to %s (%s)", cfg.export.dir, ", ".join(settings.formats))
     manifest = export_student(
         student, tokenizer, cfg.export.dir, settings, golden, str(source), image_processor=encoder.image_processor

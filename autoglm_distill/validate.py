@@ -13,7 +13,9 @@ from collections.abc import Callable
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from autoglm_distill.data.phone import ON_BAD_EXAMPLE, SPLITS
+from autoglm_distill.data import SPLITS
+from autoglm_distill.data.phone import ON_BAD_EXAMPLE
+from autoglm_distill.data.prepare import episode_format
 from autoglm_distill.export.exporter import settings_from_config
 from autoglm_distill.models import ARCHS, LOAD_KINDS
 from autoglm_distill.training import stage_callbacks
@@ -43,8 +45,10 @@ def _built(key: str, make: Callable[[], object]) -> list[str]:
 
 
 def component_problems(cfg: DictConfig) -> list[str]:
-    """What the loss, the export settings and the selected callbacks refuse, each under its config key."""
+    """What the loss, the episode format, the export settings and the selected callbacks refuse, each under its
+    config key."""
     problems = _built("distill.loss", lambda: instantiate(cfg.distill.loss))
+    problems += _built("data", lambda: episode_format(cfg))
     export = cfg.get("export")
     if export is not None and export.enabled:
         problems += _built("export", lambda: settings_from_config(export))

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autoglm_distill"
 ALLOWED = {
     "export": {"models", "utils", "data", "actions", "config"},  # config: its CLI's Hydra folder
     "compress": {"models", "utils", "data"},  # data: model_inputs, next to the Collator that makes the batches
-    "data": {"utils"},
+    "data": {"utils", "actions"},  # actions: episode steps must hold actions that parse
 }
 
 

@@ -1,7 +1,8 @@
-"""Phone-agent episodes: JSONL chats -> token ids with labels on the answer -> Lightning batches.
+"""Phone-agent data: JSONL chats or episodes -> token ids with labels on the answer -> Lightning batches.
 
-A data folder holds ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` (images beside them). Each line is
-an OpenAI-style chat, the format Open-AutoGLM talks in::
+A data folder holds ``train.jsonl``, ``val.jsonl`` and ``test.jsonl`` (images beside them). A line is either a
+whole multi-step episode (``{"task": ..., "steps": [...]}``, expanded into one chat per step with Open-AutoGLM's
+context: see `autoglm_distill.data.episodes`), or one OpenAI-style chat, the format Open-AutoGLM talks in::
 
     {"id": "...", "messages": [{"role": "system", "content": "..."},
                                {"role": "user", "content": [{"type": "image", "image": "images/a.png"},
@@ -30,6 +31,7 @@ from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from autoglm_distill.data import SPLITS
+from autoglm_distill.data.episodes import EpisodeFormat, check_episode, step_chats
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,19 @@ def _check_content(content: Any, root: Path) -> str | None:
     return None
 
 
-def parse_line(line: str, root: Path) -> dict:
-    """Validate one JSONL line; returns the record or raises ValueError with the reason."""
+def parse_line(line: str, root: Path, fmt: EpisodeFormat | None = None) -> list[dict]:
+    """Validate one JSONL line; returns its chat records (one per step of an episode) or raises ValueError."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(record, dict) and "steps" in record:
+        return step_chats(check_episode(record, root), fmt or EpisodeFormat())
+    return [parse_chat(record, root)]
+
+
+def parse_chat(record: Any, root: Path) -> dict:
+    """Validate a one-chat record; returns it normalised or raises ValueError with the reason."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if not isinstance(messages, list) or len(messages) < 2:
         raise ValueError("needs a 'messages' list with at least a user and an assistant message")
@@ -94,7 +103,7 @@ def parse_line(line: str, root: Path) -> dict:
     bbox = target.get("bbox") if isinstance(target, dict) else None
     if bbox is not None and (not isinstance(bbox, list) or len(bbox) != 4):
         raise ValueError(f"target.bbox must be [x1, y1, x2, y2], got {bbox!r}")
-    return {"messages": messages, "bbox": bbox, "id": str(record.get("id", ""))}
+    return {"messages": messages, "bbox": bbox, "id": str(record.get("id", "")), "episode": ""}
 
 
 class ChatEncoder:
@@ -171,18 +180,20 @@ class ChatEncoder:
 
 
 def corpus_texts(path: Path) -> list[str]:
-    """Every text of a JSONL split (all messages): the corpus for a locally trained tokenizer."""
+    """Every text of a JSONL split (all messages, episodes with their element lists): the corpus for a locally
+    trained tokenizer."""
+    records, _ = read_split(path, path.parent, EpisodeFormat(elements_in_text=True))
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            for message in json.loads(line)["messages"]:
-                content = message["content"]
-                texts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
+    for record in records:
+        for message in record["messages"]:
+            content = message["content"]
+            texts += [content] if isinstance(content, str) else [c["text"] for c in content if c["type"] == "text"]
     return texts
 
 
-def read_split(path: Path, root: Path) -> tuple[list[dict], list[BadExample]]:
-    """Every valid record of a JSONL file (with its ``source``) and the bad lines."""
+def read_split(path: Path, root: Path, fmt: EpisodeFormat | None = None) -> tuple[list[dict], list[BadExample]]:
+    """Every valid chat record of a JSONL file (an episode gives one per step; each with its ``source``,
+    ``file:line``) and the bad lines."""
     records, bad = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -190,19 +201,20 @@ def read_split(path: Path, root: Path) -> tuple[list[dict], list[BadExample]]:
                 continue
             source = f"{path}:{lineno}"
             try:
-                records.append({**parse_line(line, root), "source": source})
+                records += [{**record, "source": source} for record in parse_line(line, root, fmt)]
             except ValueError as err:
                 bad.append(BadExample(source, str(err)))
     return records, bad
 
 
 def load_split(
-    root: Path, split: str, encoder: ChatEncoder, on_bad_example: str = "fail"
+    root: Path, split: str, encoder: ChatEncoder, on_bad_example: str = "fail", fmt: EpisodeFormat | None = None
 ) -> tuple[datasets.Dataset, list[BadExample]]:
     """Read, validate and tokenize one split into a ``datasets.Dataset``.
 
-    Returns the dataset (columns ``id, source, messages, bbox, input_ids, labels, images``; messages as
-    a JSON string, since their content mixes strings and lists) and the examples that were skipped.
+    Returns the dataset (columns ``id, episode, source, messages, bbox, input_ids, labels, images``; messages as
+    a JSON string, since their content mixes strings and lists; ``episode`` empty for one-chat lines) and the
+    examples that were skipped.
     """
     path = root / f"{split}.jsonl"
     if not path.is_file():
@@ -210,7 +222,7 @@ def load_split(
             f"{path} does not exist. data.path must be a folder with train.jsonl, val.jsonl and test.jsonl; "
             "make one with `python -m autoglm_distill.data.synth --out <folder>`."
         )
-    records, bad = read_split(path, root)
+    records, bad = read_split(path, root, fmt)
     rows = []
     for record in records:
         try:
@@ -233,6 +245,7 @@ def load_split(
     features = datasets.Features(
         {
             "id": datasets.Value("string"),
+            "episode": datasets.Value("string"),
             "source": datasets.Value("string"),
             "messages": datasets.Value("string"),
             "bbox": datasets.Sequence(datasets.Value("int32")),
@@ -308,6 +321,7 @@ class PhoneDataModule(pl.LightningDataModule):
         on_bad_example: ``fail`` (default) or ``skip``.
         seed: shuffling seed of the training loader.
         teacher_cache: a `TeacherCache`: train and val batches then carry the teacher's cached top-k targets.
+        episode_format: how episode lines become chats (system prompt, history, element list).
     """
 
     def __init__(
@@ -319,8 +333,10 @@ class PhoneDataModule(pl.LightningDataModule):
         on_bad_example: str = "fail",
         seed: int = 0,
         teacher_cache=None,
+        episode_format: EpisodeFormat | None = None,
     ):
         super().__init__()
+        self.episode_format = episode_format or EpisodeFormat()
         self.teacher_cache = teacher_cache
         self.root = Path(path)
         if not self.root.is_dir():
@@ -339,7 +355,7 @@ class PhoneDataModule(pl.LightningDataModule):
         for split in SPLITS:
             if split not in self.splits:
                 self.splits[split], self.bad_examples[split] = load_split(
-                    self.root, split, self.encoder, self.on_bad_example
+                    self.root, split, self.encoder, self.on_bad_example, self.episode_format
                 )
                 log.info("%s: %d examples (%d skipped)", split, len(self.splits[split]), len(self.bad_examples[split]))
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from autoglm_distill.data import synth
+from autoglm_distill.data.episodes import EpisodeFormat, read_system_prompt
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
 from autoglm_distill.utils import rank_zero_logger
 
@@ -47,12 +48,26 @@ def wait_for(path: Path, timeout_s: float, what: str) -> None:
         time.sleep(1.0)
 
 
+def episode_format(cfg: DictConfig) -> EpisodeFormat:
+    """How the run renders episode lines (``data.system_prompt_file``, ``data.history_steps``,
+    ``data.elements_in_text``)."""
+    d = cfg.data
+    return EpisodeFormat(read_system_prompt(d.system_prompt_file), d.history_steps, bool(d.elements_in_text))
+
+
 def data_module(cfg: DictConfig, root: Path, tokenizer, image_processor, teacher_cache=None) -> PhoneDataModule:
     """The tokenized splits (with screenshots when ``image_processor`` is given, with cached teacher targets when
     ``teacher_cache`` is), set up."""
     encoder = ChatEncoder(tokenizer, image_processor, cfg.data.max_length)
     datamodule = PhoneDataModule(
-        root, encoder, cfg.data.batch_size, cfg.data.num_workers, cfg.data.on_bad_example, cfg.seed, teacher_cache
+        root,
+        encoder,
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        cfg.data.on_bad_example,
+        cfg.seed,
+        teacher_cache,
+        episode_format(cfg),
     )
     datamodule.setup()
     return datamodule

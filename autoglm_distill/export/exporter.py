@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoglm_distill.data.episodes import EpisodeFormat
 from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
 from autoglm_distill.data.synth import sample_chats
 from autoglm_distill.export import coreml, onnx, tflite
@@ -122,13 +123,13 @@ def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | 
     return facts
 
 
-def data_goldens(root: Path, encoder, limit: int = 64) -> list[Golden]:
-    """Golden prompts from the first ``limit`` valid chats of ``<root>/val.jsonl``, encoded as in training (with
-    their screenshots when ``encoder`` has an image processor)."""
+def data_goldens(root: Path, encoder, limit: int = 64, fmt: EpisodeFormat | None = None) -> list[Golden]:
+    """Golden prompts from the first ``limit`` valid chats of ``<root>/val.jsonl`` (episode steps rendered with
+    ``fmt``), encoded as in training (with their screenshots when ``encoder`` has an image processor)."""
     path = root / "val.jsonl"
     if not path.is_file():
         raise DataError(f"{path} does not exist: data_path must be a data folder with val.jsonl")
-    records, _ = read_split(path, root)
+    records, _ = read_split(path, root, fmt)
     goldens = []
     for record in records[:limit]:
         ids, images = encoder.encode_prompt(record["messages"], root)
