@@ -12,17 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from autoglm_distill.evaluate import TABLE_COLUMNS
 from autoglm_distill.utils import masked_argv, redact, write_json_atomic
-
-EVAL_TABLE_COLUMNS = (
-    "params",
-    "action_type_acc",
-    "tap_in_element",
-    "tap_within_14pct",
-    "step_success",
-    "exact_match",
-    "top1_agreement",
-)
 
 
 def start_loggers(cfg: DictConfig, prefix: str = "") -> list:
@@ -68,12 +59,12 @@ def finish_wandb(summary: dict) -> None:
                 wandb.run.summary.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     if evals:
         rows = [
-            [name, split, result["params"], *(m.get(c) for c in EVAL_TABLE_COLUMNS[1:])]
+            [name, split, result["params"], *(m.get(c) for c in TABLE_COLUMNS[1:])]
             for name, result in evals.items()
             for split, m in result.items()
             if isinstance(m, dict)
         ]
-        wandb.log({"eval/table": wandb.Table(columns=["model", "split", *EVAL_TABLE_COLUMNS], data=rows)})
+        wandb.log({"eval/table": wandb.Table(columns=["model", "split", *TABLE_COLUMNS], data=rows)})
     export = summary.get("export")
     if export:
         columns = list(export["artifacts"][0])
