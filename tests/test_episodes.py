@@ -134,6 +134,7 @@ def test_episodes_and_single_chats_share_a_split(tmp_path, tokenizer):
         ({"steps": [{"action": TAP, "screenshot": "images/9.png"}]}, r"steps\[0\].screenshot .* does not exist"),
         ({"steps": [{"action": TAP, "screenshot": "../x.png"}]}, "points outside the data folder"),
         ({"steps": [{"action": TAP, "target": {"bbox": [1, 2]}}]}, r"steps\[0\].target.bbox must be"),
+        ({"steps": [{"action": TAP, "elements": [{"text": "a", "bbox": "x"}]}]}, r"steps\[0\].elements\[0\].bbox must"),
     ],
 )
 def test_a_bad_episode_names_its_line_step_and_field(tmp_path, tokenizer, change, reason):

@@ -57,11 +57,12 @@ def read_system_prompt(path: str | Path | None) -> str:
     return file.read_text(encoding="utf-8").strip()
 
 
-def _check_box(value: Any, where: str) -> list[int] | None:
+def check_box(value: Any, where: str) -> list[int] | None:
+    """A box ``[x1, y1, x2, y2]`` of numbers (None stays None); raises ValueError naming ``where``."""
     if value is None:
         return None
     if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int | float) for v in value)):
-        raise ValueError(f"{where} must be [x1, y1, x2, y2] on the 0-999 grid, got {value!r}")
+        raise ValueError(f"{where} must be [x1, y1, x2, y2], got {value!r}")
     return [int(v) for v in value]
 
 
@@ -95,10 +96,13 @@ def check_episode(record: dict, root: Path) -> dict:
             {
                 "screenshot": screenshot,
                 "current_app": str(step.get("current_app") or "Unknown"),
-                "elements": [{"text": str(e["text"]), "bbox": _check_box(e.get("bbox"), where)} for e in elements],
+                "elements": [
+                    {"text": str(e["text"]), "bbox": check_box(e.get("bbox"), f"{where}.elements[{j}].bbox")}
+                    for j, e in enumerate(elements)
+                ],
                 "thinking": str(step.get("thinking") or ""),
                 "action": action,
-                "bbox": _check_box(target.get("bbox") if isinstance(target, dict) else None, f"{where}.target.bbox"),
+                "bbox": check_box(target.get("bbox") if isinstance(target, dict) else None, f"{where}.target.bbox"),
             }
         )
     return {"id": str(record.get("id", "")), "task": task, "steps": clean}

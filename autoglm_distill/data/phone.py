@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from autoglm_distill.data import SPLITS
-from autoglm_distill.data.episodes import EpisodeFormat, check_episode, step_chats
+from autoglm_distill.data.episodes import EpisodeFormat, check_box, check_episode, step_chats
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ def parse_chat(record: Any, root: Path) -> dict:
     if answer["role"] != "assistant" or not isinstance(answer["content"], str) or not answer["content"]:
         raise ValueError("the last message must be the assistant's answer, a non-empty string")
     target = record.get("target") or {}
-    bbox = target.get("bbox") if isinstance(target, dict) else None
-    if bbox is not None and (not isinstance(bbox, list) or len(bbox) != 4):
-        raise ValueError(f"target.bbox must be [x1, y1, x2, y2], got {bbox!r}")
+    bbox = check_box(target.get("bbox") if isinstance(target, dict) else None, "target.bbox")
     return {"messages": messages, "bbox": bbox, "id": str(record.get("id", "")), "episode": ""}
 
 
