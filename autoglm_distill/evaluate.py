@@ -154,6 +154,7 @@ TABLE_COLUMNS = [
     "tap_in_element",
     "tap_within_14pct",
     "step_success",
+    "episode_success",  # "-" for a split without episodes
     "exact_match",
     "parse_rate",
     "top1_agreement",

@@ -55,8 +55,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """A small synthetic data folder with screenshots."""
-    return synth.generate(tmp_path_factory.mktemp("data") / "synth", 32, 8, 8, seed=0, image_size=IMAGE_SIZE)
+    """A small synthetic data folder with screenshots: 12 + 3 + 3 episodes (~70 + 17 + 17 steps)."""
+    return synth.generate(tmp_path_factory.mktemp("data") / "synth", 12, 3, 3, seed=0, image_size=IMAGE_SIZE)
 
 
 @pytest.fixture(scope="session")

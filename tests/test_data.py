@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from autoglm_distill.data.phone import ChatEncoder, DataError, PhoneDataModule, load_split
+from autoglm_distill.data.phone import ChatEncoder, DataError, PhoneDataModule, load_split, read_split
 
 
 def copy_data(src: Path, dst: Path) -> Path:
@@ -26,9 +26,14 @@ def first_record(path: Path) -> dict:
     return json.loads(path.read_text().splitlines()[0])
 
 
+def first_chat(data_dir: Path) -> dict:
+    """The last step of the first episode: the longest context (all earlier turns and the screenshot)."""
+    return read_split(data_dir / "train.jsonl", data_dir)[0][len(first_record(data_dir / "train.jsonl")["steps"]) - 1]
+
+
 def test_labels_cover_exactly_the_answer_and_eos(data_dir, tokenizer):
-    encoder = ChatEncoder(tokenizer, None, max_length=512)
-    record = first_record(data_dir / "train.jsonl")
+    encoder = ChatEncoder(tokenizer, None, max_length=1024)
+    record = first_chat(data_dir)
     enc = encoder.encode(record["messages"], data_dir)
     answer = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
     assert enc["labels"][-1] == tokenizer.eos_token_id
@@ -39,8 +44,8 @@ def test_labels_cover_exactly_the_answer_and_eos(data_dir, tokenizer):
 
 
 def test_image_tokens_match_the_screenshot_grid(data_dir, tokenizer, image_processor):
-    encoder = ChatEncoder(tokenizer, image_processor, max_length=512)
-    record = first_record(data_dir / "train.jsonl")
+    encoder = ChatEncoder(tokenizer, image_processor, max_length=1024)
+    record = first_chat(data_dir)
     enc = encoder.encode(record["messages"], data_dir)
     pixels = encoder.pixels(enc["images"], data_dir)
     n_tokens = enc["input_ids"].count(encoder.image_token_id)
@@ -49,7 +54,7 @@ def test_image_tokens_match_the_screenshot_grid(data_dir, tokenizer, image_proce
 
 
 def test_collated_batch_pads_right_and_masks_padding(data_dir, tokenizer, image_processor):
-    encoder = ChatEncoder(tokenizer, image_processor, max_length=512)
+    encoder = ChatEncoder(tokenizer, image_processor, max_length=1024)
     dm = PhoneDataModule(data_dir, encoder, batch_size=4)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
@@ -83,7 +88,7 @@ def test_collated_batch_pads_right_and_masks_padding(data_dir, tokenizer, image_
 def test_bad_line_fails_with_file_line_and_reason(data_dir, tokenizer, tmp_path, bad_line, reason):
     root = copy_data(data_dir, tmp_path / "d")
     rewrite_line(root / "train.jsonl", 3, bad_line)
-    encoder = ChatEncoder(tokenizer, None, max_length=512)
+    encoder = ChatEncoder(tokenizer, None, max_length=1024)
     with pytest.raises(DataError) as err:
         load_split(root, "train", encoder, on_bad_example="fail")
     message = str(err.value)
@@ -95,9 +100,10 @@ def test_skip_mode_skips_and_counts_every_bad_line(data_dir, tokenizer, tmp_path
     root = copy_data(data_dir, tmp_path / "d")
     rewrite_line(root / "train.jsonl", 2, "{broken")
     rewrite_line(root / "train.jsonl", 5, '{"messages": "nope"}')
-    encoder = ChatEncoder(tokenizer, None, max_length=512)
+    encoder = ChatEncoder(tokenizer, None, max_length=1024)
     ds, bad = load_split(root, "train", encoder, on_bad_example="skip")
-    assert len(ds) == 32 - 2
+    episodes = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    assert len(ds) == sum(len(e["steps"]) for i, e in enumerate(episodes, start=1) if i not in (2, 5))
     assert sorted(b.source.rsplit(":", 1)[1] for b in bad) == ["2", "5"]
 
 
@@ -106,7 +112,9 @@ def test_answer_cut_by_max_length_is_never_truncated(data_dir, tokenizer):
     lengths = sorted(len(ids) for ids in full["input_ids"])
     limit = lengths[len(lengths) // 2]
     encoder = ChatEncoder(tokenizer, None, max_length=limit)
-    with pytest.raises(DataError, match=rf"train\.jsonl:\d+: prompt \(\d+ tokens\) \+ answer .*max_length={limit}"):
+    with pytest.raises(
+        DataError, match=rf"train\.jsonl:\d+ steps\[\d+\]: prompt \(\d+ tokens\) \+ answer .*max_length={limit}"
+    ):
         load_split(data_dir, "train", encoder, on_bad_example="fail")
     kept, bad = load_split(data_dir, "train", encoder, on_bad_example="skip")
     assert len(bad) == sum(n > limit for n in lengths) > 0
@@ -116,7 +124,7 @@ def test_answer_cut_by_max_length_is_never_truncated(data_dir, tokenizer):
 
 
 def test_missing_folder_and_missing_split_name_the_fix(data_dir, tokenizer, tmp_path):
-    encoder = ChatEncoder(tokenizer, None)
+    encoder = ChatEncoder(tokenizer, None, max_length=1024)
     with pytest.raises(DataError, match="data.path=.*is not a folder.*autoglm_distill.data.synth"):
         PhoneDataModule(tmp_path / "nowhere", encoder)
     root = copy_data(data_dir, tmp_path / "d")

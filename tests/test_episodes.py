@@ -112,7 +112,7 @@ def test_elements_channel_and_a_user_system_prompt(tmp_path):
     fmt = EpisodeFormat(read_system_prompt(prompt), elements_in_text=True)
     (record,), _ = read_split(root / "train.jsonl", root, fmt)
     assert record["messages"][0]["content"] == "You are a phone agent."
-    assert record["messages"][1]["content"][1]["text"].endswith("** Elements **\n[0] Search @ [1, 2, 3, 4]")
+    assert record["messages"][1]["content"][1]["text"].endswith("** Elements **\n[0] Search @ [2,3]")
     with pytest.raises(FileNotFoundError, match="data.system_prompt_file='/nowhere.txt' does not exist"):
         read_system_prompt("/nowhere.txt")
 

@@ -30,7 +30,7 @@ def test_fit_trains_the_student_only_and_checkpoints_exclude_the_teacher(tokeniz
     module = make_module(tokenizer)
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
-    dm = PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 512), batch_size=8)
+    dm = PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 1024), batch_size=8)
     trainer = pl.Trainer(
         max_steps=3,
         logger=False,
@@ -63,6 +63,6 @@ def test_non_finite_loss_stops_with_the_step(tokenizer, data_dir):
     module = make_module(tokenizer, teacher=False, alpha=0.0)
     with torch.no_grad():
         module.student.lm_head.weight.fill_(float("nan"))
-    batch = next(iter(PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 512), batch_size=2).train_dataloader()))
+    batch = next(iter(PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 1024), batch_size=2).train_dataloader()))
     with pytest.raises(FloatingPointError, match="Non-finite training loss .* at step 0"):
         module.training_step(batch, 0)

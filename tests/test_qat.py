@@ -65,7 +65,7 @@ def qat_run(tokenizer, data_dir, tmp_path_factory):
         num_sanity_val_steps=0,
         callbacks=[qat, watch],
     )
-    trainer.fit(module, datamodule=PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 512), batch_size=4))
+    trainer.fit(module, datamodule=PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 1024), batch_size=4))
     return module.student, qat, watch, trainer
 
 

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+from autoglm_distill.data import SPLITS
+from autoglm_distill.data.phone import DataError
 from autoglm_distill.run import run
 from autoglm_distill.validate import ConfigError
 
@@ -32,7 +34,8 @@ def test_smoke_run_leaves_summary_student_and_offline_wandb_run(smoke_run):
             model["test"]
         )
     assert summary["data"]["images"] is True
-    assert summary["data"]["examples"] == {"train": 24, "val": 8, "test": 8}
+    steps = {s: sum(len(json.loads(line)["steps"]) for line in open(smoke_run / "data" / f"{s}.jsonl")) for s in SPLITS}
+    assert summary["data"]["examples"] == steps  # one example per episode step
     assert list((smoke_run / "wandb").glob("offline-run-*")), "no offline W&B run in the run dir"
     assert (smoke_run / "predictions" / "student_test.json").is_file()
 
@@ -150,6 +153,16 @@ def test_failed_run_still_writes_summary_and_finishes_wandb(tmp_path):
 def test_partial_data_generate_from_a_recipe_is_reported(tmp_path):
     with pytest.raises(ConfigError, match=r"data.generate lacks(.|\n)*data.generate=null"):
         run(compose_config(["recipe=smoke", "data=jsonl", "data.path=/data/x"], tmp_path))
+
+
+def test_a_data_folder_from_an_older_generator_names_the_fix_and_is_kept(tmp_path):
+    old = tmp_path / "data"
+    old.mkdir()
+    (old / "synth_meta.json").write_text(json.dumps({"format_version": 1, "n_train": 2000}))
+    (old / "train.jsonl").write_text("{}\n")
+    with pytest.raises(DataError, match=r"(?s)'format_version': 1.*rm -r .*data\.path=<another folder>"):
+        run(compose_config(["recipe=smoke", f"data.path={old}"], tmp_path))
+    assert (old / "train.jsonl").read_text() == "{}\n"  # nothing deleted
 
 
 @pytest.mark.slow

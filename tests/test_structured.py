@@ -40,7 +40,7 @@ def text_model(tokenizer, **overrides):
 
 
 def batches(tokenizer, data_dir, n=2, image_processor=None):
-    dm = PhoneDataModule(data_dir, ChatEncoder(tokenizer, image_processor, 512), batch_size=4)
+    dm = PhoneDataModule(data_dir, ChatEncoder(tokenizer, image_processor, 1024), batch_size=4)
     dm.setup()
     return list(itertools.islice(dm.train_dataloader(), n))
 
@@ -178,7 +178,7 @@ def test_callback_prunes_mid_training_keeps_optimizer_state_and_training_goes_on
     teacher_params = count_parameters(module.teacher)
     start_params = count_parameters(module.student)
     callback = StructuredPruning({"intermediate_size": 0.5, "num_attention_heads": 0.5, "hidden_size": 32}, [0.25, 0.5])
-    dm = PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 512), batch_size=4)
+    dm = PhoneDataModule(data_dir, ChatEncoder(tokenizer, None, 1024), batch_size=4)
     trainer = pl.Trainer(
         max_steps=8,
         logger=False,

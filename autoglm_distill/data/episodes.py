@@ -15,8 +15,9 @@ for each earlier step, the user's text (its screenshot was removed after the ans
 as the label, this step's answer. The user text is ``f"{task}\\n\\n{screen_info}"`` at the first step and
 ``f"** Screen Info **\\n\\n{screen_info}"`` after it, with ``screen_info = json.dumps({"current_app": app})``.
 Coordinates are on Open-AutoGLM's 0-999 grid. ``history_steps`` keeps only the last N earlier steps (a setting,
-never a silent cut; the oldest kept turn then carries the task); ``elements_in_text`` appends the step's element
-list to its user text, a channel for text-only students that the real agent does not have.
+never a silent cut; the oldest kept turn then carries the task); ``elements_in_text`` appends the current step's element
+list to its user text, ``[i] text @ [x,y]`` with the box centre as the point to tap: a stand-in for the screenshot for
+text-only students, which the real agent does not have, and like the screenshot it is dropped from earlier turns.
 """
 
 from __future__ import annotations
@@ -117,12 +118,16 @@ def user_text(task: str, step: dict, first: bool, elements_in_text: bool) -> str
     info = screen_info(step["current_app"])
     text = f"{task}\n\n{info}" if first else f"** Screen Info **\n\n{info}"
     if elements_in_text and step["elements"]:
-        listed = "\n".join(
-            f"[{i}] {e['text']}" + (f" @ {e['bbox']}" if e["bbox"] is not None else "")
-            for i, e in enumerate(step["elements"])
-        )
-        text += f"\n\n** Elements **\n{listed}"
+        text += "\n\n** Elements **\n" + "\n".join(element_line(i, e) for i, e in enumerate(step["elements"]))
     return text
+
+
+def element_line(index: int, element: dict) -> str:
+    """``[i] text @ [x,y]``: an element of the text channel with its box centre, the point a tap would use."""
+    box = element["bbox"]
+    if box is None:
+        return f"[{index}] {element['text']}"
+    return f"[{index}] {element['text']} @ [{(box[0] + box[2]) // 2},{(box[1] + box[3]) // 2}]"
 
 
 def answer_text(step: dict) -> str:
@@ -131,16 +136,16 @@ def answer_text(step: dict) -> str:
 
 def step_chats(episode: dict, fmt: EpisodeFormat) -> list[dict]:
     """One record per step: ``messages`` (the chat up to and including this step's answer), ``bbox``, ``id``
-    (``<episode id>/<step>``) and ``episode``."""
+    (``<episode id>/<step>``), ``episode`` and ``step`` (its index)."""
     records = []
     steps = episode["steps"]
     for t, step in enumerate(steps):
         first_kept = 0 if fmt.history_steps is None else max(0, t - fmt.history_steps)
         messages: list[dict] = [{"role": "system", "content": fmt.system_prompt}]
-        for i in range(first_kept, t):  # earlier turns: their screenshots were removed after the answer
+        for i in range(first_kept, t):  # earlier turns: their screenshots (and element lists) were removed
             # The task is only in the first user text; when history_steps cuts that turn off, the oldest kept turn
             # carries it instead.
-            text = user_text(episode["task"], steps[i], i == first_kept, fmt.elements_in_text)
+            text = user_text(episode["task"], steps[i], i == first_kept, elements_in_text=False)
             messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
             messages.append({"role": "assistant", "content": answer_text(steps[i])})
         content = [{"type": "text", "text": user_text(episode["task"], step, t == first_kept, fmt.elements_in_text)}]
@@ -149,6 +154,12 @@ def step_chats(episode: dict, fmt: EpisodeFormat) -> list[dict]:
         messages.append({"role": "user", "content": content})
         messages.append({"role": "assistant", "content": answer_text(step)})
         records.append(
-            {"messages": messages, "bbox": step["bbox"], "id": f"{episode['id']}/{t}", "episode": episode["id"]}
+            {
+                "messages": messages,
+                "bbox": step["bbox"],
+                "id": f"{episode['id']}/{t}",
+                "episode": episode["id"],
+                "step": t,
+            }
         )
     return records

@@ -45,7 +45,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class BadExample:
-    source: str  # file:line
+    source: str  # file:line, and for an episode's step "file:line steps[t]"
     reason: str
 
     def __str__(self) -> str:
@@ -163,7 +163,8 @@ class ChatEncoder:
         if total > self.max_length:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + answer ({len(answer_ids)} tokens) = {total} exceeds "
-                f"data.max_length={self.max_length}, so the answer would be cut: raise data.max_length"
+                f"data.max_length={self.max_length}, so the answer would be cut: raise data.max_length (an episode's "
+                "step: or keep fewer earlier turns with data.history_steps)"
             )
         return {
             "input_ids": prompt_ids + answer_ids,
@@ -199,7 +200,9 @@ def read_split(path: Path, root: Path, fmt: EpisodeFormat | None = None) -> tupl
                 continue
             source = f"{path}:{lineno}"
             try:
-                records += [{**record, "source": source} for record in parse_line(line, root, fmt)]
+                for record in parse_line(line, root, fmt):
+                    step = record.pop("step", None)  # an episode's step: named in the source too
+                    records.append({**record, "source": source if step is None else f"{source} steps[{step}]"})
             except ValueError as err:
                 bad.append(BadExample(source, str(err)))
     return records, bad

@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from autoglm_distill.data import synth
 from autoglm_distill.data.episodes import EpisodeFormat, read_system_prompt
-from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
+from autoglm_distill.data.phone import ChatEncoder, DataError, PhoneDataModule
 from autoglm_distill.utils import rank_zero_logger
 
 log = rank_zero_logger(__name__)
@@ -25,15 +25,21 @@ def prepare_data(cfg: DictConfig, wait_s: float = 1800.0) -> Path:
         if rank_zero_only.rank != 0:
             wait_for(root / synth.META_FILE, wait_s, f"rank 0 to generate the data in {root}")
         log.info("Generating synthetic phone tasks in %s (reused when the parameters match)", root)
-        synth.generate(
-            root,
-            n_train=gen.n_train,
-            n_val=gen.n_val,
-            n_test=gen.n_test,
-            seed=gen.seed,
-            images=gen.images,
-            image_size=tuple(gen.image_size),
-        )
+        try:
+            synth.generate(
+                root,
+                n_train=gen.n_train,
+                n_val=gen.n_val,
+                n_test=gen.n_test,
+                seed=gen.seed,
+                images=gen.images,
+                image_size=tuple(gen.image_size),
+            )
+        except FileExistsError as err:  # e.g. a folder from an older generator version: name the fix in Hydra terms
+            raise DataError(
+                f"{err}\nThe synthetic data is regenerated from its parameters, so nothing is lost by deleting that "
+                f"folder (rm -r {root}); or keep it and generate elsewhere with data.path=<another folder>."
+            ) from None
     return root
 
 

@@ -1,7 +1,7 @@
 """Reference runner: greedy generation from an export folder alone (no PyTorch model), the spec of how to drive
 the graphs.
 
-    python -m autoglm_distill.export.runner export/demo --prompt "Task: Open Maps ..." [--format tflite]
+    python -m autoglm_distill.export.runner export/demo --prompt "Turn on Wi-Fi ..." [--format tflite]
 
 1. Render the chat (system + user) with ``tokenizer/``'s chat template, generation prompt included, and tokenize.
 2. ``prefill``: ``input_ids`` int32 [1, C] (the prompt, right-padded with ``pad_token_id`` to ``max_context`` C),
