@@ -86,7 +86,8 @@ def test_ddp_only_rank_zero_writes_files(ddp_run):
     assert not list(run_dir.rglob("*.tmp*")), "a temporary file was left behind"
     assert (run_dir / "train_ddp_process_1.log").read_text().count("ERROR") == 0
     summary = read_summary(run_dir)
-    assert summary["status"] == "completed" and summary["eval"]["student"]["test"]["n"] == 8
+    assert summary["status"] == "completed"
+    assert summary["eval"]["student"]["test"]["n"] == summary["data"]["examples"]["test"]  # rank 0 scored every step
 
 
 def test_ddp_config_instantiates_a_gloo_ddp_trainer_on_cpu(tmp_path):
