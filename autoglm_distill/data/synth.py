@@ -113,6 +113,10 @@ class Screen:
     def find(self, text: str) -> Element:
         return next(e for e in self.elements if e.text == text)
 
+    def relabel(self, text: str, new_text: str) -> Screen:
+        """The same screen with element ``text`` showing ``new_text`` (a field focused or filled in)."""
+        return Screen(self.app, [Element(new_text, e.box) if e.text == text else e for e in self.elements])
+
 
 @dataclass
 class Step:
@@ -130,6 +134,10 @@ class Episode:
 
     def act(self, screen: Screen, thinking: str, action: str, target: Element | None = None) -> None:
         self.steps.append(Step(screen, thinking, action, target))
+
+    def press(self, screen: Screen, thinking: str, element: Element, kind: str = "Tap") -> None:
+        """A point action (Tap, Long Press, Double Tap) on ``element``'s centre, with it as the target."""
+        self.act(screen, thinking, point(kind, element), element)
 
 
 def point(kind: str, element: Element) -> str:
@@ -211,12 +219,7 @@ def open_app(ep: Episode, rng: random.Random, pools: Pools, app: str, wrong_page
         shown = rng.sample(APPS, rng.randint(6, 12))
         screen = home_screen(rng, shown)
         if app in shown:
-            ep.act(
-                screen,
-                f"The {app} icon is on the home screen, so I tap it.",
-                point("Tap", screen.find(app)),
-                screen.find(app),
-            )
+            ep.press(screen, f"The {app} icon is on the home screen, so I tap it.", screen.find(app))
         else:
             ep.act(
                 screen, f"{app} is not on the home screen, so I launch it by name.", f'do(action="Launch", app="{app}")'
@@ -246,15 +249,8 @@ def scroll_to(
 
 def search(ep: Episode, rng: random.Random, app: str, main: Screen, field_name: str, query: str) -> None:
     """Tap the search field of ``main``, type ``query``, and wait when the results are still loading."""
-    ep.act(
-        main,
-        f"I tap the {field_name.lower()} to search for {query}.",
-        point("Tap", main.find(field_name)),
-        main.find(field_name),
-    )
-    focused = Screen(
-        app, [e if e.text != field_name else Element(f"{field_name} (focused)", e.box) for e in main.elements]
-    )
+    ep.press(main, f"I tap the {field_name.lower()} to search for {query}.", main.find(field_name))
+    focused = main.relabel(field_name, f"{field_name} (focused)")
     ep.act(focused, f"The {field_name.lower()} is focused, so I type {query}.", f'do(action="Type", text="{query}")')
     if rng.random() < 0.5:
         ep.act(
@@ -285,22 +281,17 @@ def flow_settings(rng: random.Random, pools: Pools, go_home: bool) -> Episode:
     setting = pools.task_value(rng, "setting")
     want = rng.random() < 0.5
     verb = rng.choice(("Turn on", "Switch on", "Enable") if want else ("Turn off", "Switch off", "Disable"))
-    ep = Episode(f"{verb} {setting}" + (" and then go to the home screen" if go_home else ""), "settings")
+    ep = Episode(f"{verb} {setting}", "settings")
     wrong = settings_page(rng, rng.choice([s for s in ENTITIES["setting"] if s != setting]), rng.random() < 0.5)
     open_app(ep, rng, pools, "Settings", wrong)
     labels = Pools.others(rng, "setting", rng.randint(8, 12), setting)
     screen = scroll_to(ep, rng, "Settings", "Settings", labels, setting)
-    ep.act(
-        screen,
-        f"The {setting} row is on screen, so I tap it.",
-        point("Tap", screen.find(setting)),
-        screen.find(setting),
-    )
+    ep.press(screen, f"The {setting} row is on screen, so I tap it.", screen.find(setting))
     state = "on" if want else "off"
     if rng.random() >= 0.2:  # else it is already as asked
         screen = settings_page(rng, setting, not want)
         switch = screen.elements[1]
-        ep.act(screen, f"{setting} is {'off' if want else 'on'}, so I tap its switch.", point("Tap", switch), switch)
+        ep.press(screen, f"{setting} is {'off' if want else 'on'}, so I tap its switch.", switch)
     # The same words whether it was already so or was just switched: the screen cannot tell the two apart.
     screen = settings_page(rng, setting, want)
     done(ep, rng, screen, f"{setting} is {state} as asked, so the task is done.", f"{setting} is {state}.", go_home)
@@ -321,7 +312,7 @@ def flow_shop(rng: random.Random, pools: Pools, go_home: bool, buy: bool) -> Epi
         if buy
         else f"Search Shop for {product} and add the {variant} one to the cart"
     )
-    ep = Episode(task + (" and then go to the home screen" if go_home else ""), "shop_buy" if buy else "shop_cart")
+    ep = Episode(task, "shop_buy" if buy else "shop_cart")
     other = f"{rng.choice(VARIANTS)} {rng.choice([p for p in ENTITIES['product'] if p != product])}"
     open_app(ep, rng, pools, "Shop", item_page(rng, other))
     listings = rng.sample([f"{rng.choice(VARIANTS)} {p}" for p in ENTITIES["product"] if p != product], 4)
@@ -331,12 +322,10 @@ def flow_shop(rng: random.Random, pools: Pools, go_home: bool, buy: bool) -> Epi
     if name not in results:
         results[rng.randrange(len(results))] = name
     screen = Screen("Shop", [title(f"Results for {product}"), *rows(rng, results)[0]])
-    ep.act(screen, f"The {name} is in the results, so I open it.", point("Tap", screen.find(name)), screen.find(name))
+    ep.press(screen, f"The {name} is in the results, so I open it.", screen.find(name))
     screen = item_page(rng, name)
     button = "Buy now" if buy else "Add to cart"
-    ep.act(
-        screen, f"This is the {name} page, so I tap {button}.", point("Tap", screen.find(button)), screen.find(button)
-    )
+    ep.press(screen, f"This is the {name} page, so I tap {button}.", screen.find(button))
     if buy:
         screen = Screen("Shop", [title("Payment"), bar("Payment password", 300), bar("Pay", 420)])
         ep.act(
@@ -375,32 +364,17 @@ def chat_page(rng: random.Random, contact: str, field_text: str, sent: str | Non
 
 def flow_message(rng: random.Random, pools: Pools, go_home: bool) -> Episode:
     contact, text = pools.task_value(rng, "contact"), pools.task_value(rng, "message")
-    ep = Episode(
-        f"Send {contact} the message: {text}" + (" and then go to the home screen" if go_home else ""), "message"
-    )
+    ep = Episode(f"Send {contact} the message: {text}", "message")
     wrong = chat_page(rng, rng.choice([c for c in ENTITIES["contact"] if c != contact]), "Message field")
     open_app(ep, rng, pools, "Messages", wrong)
     screen = scroll_to(ep, rng, "Messages", "Chats", Pools.others(rng, "contact", rng.randint(8, 12), contact), contact)
-    ep.act(
-        screen,
-        f"The chat with {contact} is on screen, so I open it.",
-        point("Tap", screen.find(contact)),
-        screen.find(contact),
-    )
+    ep.press(screen, f"The chat with {contact} is on screen, so I open it.", screen.find(contact))
     screen = chat_page(rng, contact, "Message field")
-    ep.act(
-        screen,
-        "I tap the message field to write.",
-        point("Tap", screen.find("Message field")),
-        screen.find("Message field"),
-    )
-    screen = Screen(
-        "Messages",
-        [*screen.elements[:-2], Element("Message field (focused)", screen.elements[-2].box), screen.elements[-1]],
-    )
+    ep.press(screen, "I tap the message field to write.", screen.find("Message field"))
+    screen = screen.relabel("Message field", "Message field (focused)")
     ep.act(screen, "The message field is focused, so I type the message.", f'do(action="Type", text="{text}")')
-    screen = Screen("Messages", [*screen.elements[:-2], Element(text, screen.elements[-2].box), screen.elements[-1]])
-    ep.act(screen, "The message is written, so I tap Send.", point("Tap", screen.find("Send")), screen.find("Send"))
+    screen = screen.relabel("Message field (focused)", text)
+    ep.press(screen, "The message is written, so I tap Send.", screen.find("Send"))
     screen = chat_page(rng, contact, "Message field", sent=text)
     done(ep, rng, screen, "The message is sent, so the task is done.", f"Sent the message to {contact}.", go_home)
     return ep
@@ -424,22 +398,15 @@ def photo_view(photo: str, liked: bool) -> Screen:
 def flow_photo(rng: random.Random, pools: Pools, go_home: bool, like: bool) -> Episode:
     photo = pools.task_value(rng, "photo")
     task = f"Like the photo {photo}" if like else f"Delete the photo {photo}"
-    ep = Episode(
-        task + (" and then go to the home screen" if go_home else ""), "photo_like" if like else "photo_delete"
-    )
+    ep = Episode(task, "photo_like" if like else "photo_delete")
     open_app(ep, rng, pools, "Photos", photo_view(rng.choice([p for p in ENTITIES["photo"] if p != photo]), False))
     photos = Pools.others(rng, "photo", rng.randint(4, 8), photo)
     screen = photos_page(rng, photos)
     if like:
-        ep.act(
-            screen,
-            f"The {photo} photo is on screen, so I open it.",
-            point("Tap", screen.find(photo)),
-            screen.find(photo),
-        )
+        ep.press(screen, f"The {photo} photo is on screen, so I open it.", screen.find(photo))
         screen = photo_view(photo, liked=False)
         big = screen.elements[1]
-        ep.act(screen, "The photo is open; a double tap on it likes it.", point("Double Tap", big), big)
+        ep.press(screen, "The photo is open; a double tap on it likes it.", big, "Double Tap")
         done(
             ep,
             rng,
@@ -449,15 +416,10 @@ def flow_photo(rng: random.Random, pools: Pools, go_home: bool, like: bool) -> E
             go_home,
         )
         return ep
-    ep.act(
-        screen,
-        f"Long-pressing the {photo} photo opens its menu.",
-        point("Long Press", screen.find(photo)),
-        screen.find(photo),
-    )
+    ep.press(screen, f"Long-pressing the {photo} photo opens its menu.", screen.find(photo), "Long Press")
     menu = [Element(text, (40, 700 + 90 * i, RIGHT, 760 + 90 * i)) for i, text in enumerate(PHOTO_MENU)]
     screen = Screen("Photos", [*screen.elements, *menu])
-    ep.act(screen, "The menu is open, so I tap Delete.", point("Tap", screen.find("Delete")), screen.find("Delete"))
+    ep.press(screen, "The menu is open, so I tap Delete.", screen.find("Delete"))
     screen = photos_page(rng, [p for p in photos if p != photo])
     done(ep, rng, screen, f"The {photo} photo is gone, so the task is done.", f"Deleted {photo}.", go_home)
     return ep
@@ -469,20 +431,15 @@ def place_page(rng: random.Random, place: str) -> Screen:
 
 def flow_maps(rng: random.Random, pools: Pools, go_home: bool) -> Episode:
     place = pools.task_value(rng, "place")
-    ep = Episode(f"Get directions to {place} in Maps" + (" and then go to the home screen" if go_home else ""), "maps")
+    ep = Episode(f"Get directions to {place} in Maps", "maps")
     open_app(ep, rng, pools, "Maps", place_page(rng, rng.choice([p for p in ENTITIES["place"] if p != place])))
     buttons = cards(rng, rng.sample(MAP_CATEGORIES, 4), columns=2, top=170)
     main = Screen("Maps", [title("Maps"), bar("Search field", 140), *buttons])
     search(ep, rng, "Maps", main, "Search field", place)
     screen = Screen("Maps", [title(f"Results for {place}"), *rows(rng, Pools.others(rng, "place", 4, place))[0]])
-    ep.act(screen, f"{place} is in the results, so I open it.", point("Tap", screen.find(place)), screen.find(place))
+    ep.press(screen, f"{place} is in the results, so I open it.", screen.find(place))
     screen = place_page(rng, place)
-    ep.act(
-        screen,
-        f"This is the {place} page, so I tap Directions.",
-        point("Tap", screen.find("Directions")),
-        screen.find("Directions"),
-    )
+    ep.press(screen, f"This is the {place} page, so I tap Directions.", screen.find("Directions"))
     screen = Screen("Maps", [title(f"Route to {place}"), bar(f"{rng.randrange(5, 60)} min", 200), bar("Start", 880)])
     done(
         ep,
@@ -498,16 +455,20 @@ def flow_maps(rng: random.Random, pools: Pools, go_home: bool) -> Episode:
 def sample_episode(rng: random.Random, pools: Pools) -> Episode:
     """Draw one episode: a flow by ``FLOWS`` weight, then its task, start and screens."""
     flow = rng.choices(list(FLOWS), weights=list(FLOWS.values()))[0]
-    go_home = rng.random() < 0.15
+    go_home = rng.random() < 0.15  # the task ends on the home screen: done() presses Home before finishing
     if flow == "settings":
-        return flow_settings(rng, pools, go_home)
-    if flow in ("shop_cart", "shop_buy"):
-        return flow_shop(rng, pools, go_home, buy=flow == "shop_buy")
-    if flow == "message":
-        return flow_message(rng, pools, go_home)
-    if flow in ("photo_like", "photo_delete"):
-        return flow_photo(rng, pools, go_home, like=flow == "photo_like")
-    return flow_maps(rng, pools, go_home)
+        ep = flow_settings(rng, pools, go_home)
+    elif flow in ("shop_cart", "shop_buy"):
+        ep = flow_shop(rng, pools, go_home, buy=flow == "shop_buy")
+    elif flow == "message":
+        ep = flow_message(rng, pools, go_home)
+    elif flow in ("photo_like", "photo_delete"):
+        ep = flow_photo(rng, pools, go_home, like=flow == "photo_like")
+    else:
+        ep = flow_maps(rng, pools, go_home)
+    if go_home:
+        ep.task += " and then go to the home screen"
+    return ep
 
 
 # --- Files -------------------------------------------------------------------------------------------------------
