@@ -75,21 +75,24 @@ def _check_content(content: Any, root: Path) -> str | None:
     return None
 
 
-def parse_line(line: str, root: Path, fmt: EpisodeFormat | None = None) -> list[dict]:
-    """Validate one JSONL line; returns its chat records (one per step of an episode) or raises ValueError."""
+def parse_line(line: str, root: Path, fmt: EpisodeFormat | None = None, prompts: bool = False) -> list[dict]:
+    """Validate one JSONL line; returns its chat records (one per step of an episode) or raises ValueError.
+    ``prompts``: a chat may also end with the user's message (a prompt without an answer, for the teacher to
+    label)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
     if isinstance(record, dict) and "steps" in record:
         return step_chats(check_episode(record, root), fmt or EpisodeFormat())
-    return [parse_chat(record, root)]
+    return [parse_chat(record, root, prompts)]
 
 
-def parse_chat(record: Any, root: Path) -> dict:
-    """Validate a one-chat record; returns it normalised or raises ValueError with the reason."""
+def parse_chat(record: Any, root: Path, prompts: bool = False) -> dict:
+    """Validate a one-chat record; returns it normalised or raises ValueError with the reason (``prompts``: it may
+    end with the user's message instead of an answer)."""
     messages = record.get("messages") if isinstance(record, dict) else None
-    if not isinstance(messages, list) or len(messages) < 2:
+    if not isinstance(messages, list) or len(messages) < (1 if prompts else 2):
         raise ValueError("needs a 'messages' list with at least a user and an assistant message")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -97,7 +100,10 @@ def parse_chat(record: Any, root: Path) -> dict:
         if (reason := _check_content(message.get("content"), root)) is not None:
             raise ValueError(f"messages[{i}]: {reason}")
     answer = messages[-1]
-    if answer["role"] != "assistant" or not isinstance(answer["content"], str) or not answer["content"]:
+    unanswered = prompts and answer["role"] == "user"
+    if not unanswered and (
+        answer["role"] != "assistant" or not isinstance(answer["content"], str) or not answer["content"]
+    ):
         raise ValueError("the last message must be the assistant's answer, a non-empty string")
     target = record.get("target") or {}
     bbox = check_box(target.get("bbox") if isinstance(target, dict) else None, "target.bbox")
@@ -190,9 +196,11 @@ def corpus_texts(path: Path) -> list[str]:
     return texts
 
 
-def read_split(path: Path, root: Path, fmt: EpisodeFormat | None = None) -> tuple[list[dict], list[BadExample]]:
+def read_split(
+    path: Path, root: Path, fmt: EpisodeFormat | None = None, prompts: bool = False
+) -> tuple[list[dict], list[BadExample]]:
     """Every valid chat record of a JSONL file (an episode gives one per step; each with its ``source``,
-    ``file:line``) and the bad lines."""
+    ``file:line``) and the bad lines (``prompts``: see `parse_line`)."""
     records, bad = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -200,7 +208,7 @@ def read_split(path: Path, root: Path, fmt: EpisodeFormat | None = None) -> tupl
                 continue
             source = f"{path}:{lineno}"
             try:
-                for record in parse_line(line, root, fmt):
+                for record in parse_line(line, root, fmt, prompts):
                     step = record.pop("step", None)  # an episode's step: named in the source too
                     records.append({**record, "source": source if step is None else f"{source} steps[{step}]"})
             except ValueError as err:
