@@ -151,7 +151,8 @@ def text_only(content):
 def test_prompts_without_answers_are_labelled(smoke_run, tmp_path, monkeypatch) -> None:
     data = tmp_path / "prompts"
     data.mkdir()
-    records, _ = read_split(smoke_run / "data" / "train.jsonl", smoke_run / "data", EpisodeFormat(history_steps=1, elements_in_text=True))
+    fmt = EpisodeFormat(history_steps=1, elements_in_text=True)
+    records, _ = read_split(smoke_run / "data" / "train.jsonl", smoke_run / "data", fmt)
     with open(data / "train.jsonl", "w") as f:
         for i, record in enumerate(records[:5]):  # text-only prompts that end with the user's message
             messages = [{**m, "content": text_only(m["content"])} for m in record["messages"][:-1]]

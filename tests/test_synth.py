@@ -67,7 +67,7 @@ def test_layout_and_meta(dataset: Path) -> None:
     names = ["images", "synth_meta.json", "test.jsonl", "train.jsonl", "val.jsonl"]
     assert sorted(p.name for p in dataset.iterdir()) == names
     meta = json.loads((dataset / "synth_meta.json").read_text())
-    assert meta == {"format_version": 2, **SMALL, "seed": 0, "images": True, "image_size": [90, 180]}
+    assert meta == {"format_version": synth.FORMAT_VERSION, **SMALL, "seed": 0, "images": True, "image_size": [90, 180]}
     assert not list(dataset.parent.glob(".*tmp*"))  # the temporary folder was renamed, not left behind
 
 
@@ -192,7 +192,7 @@ def test_a_folder_of_the_old_one_step_format_is_not_reused(tmp_path: Path) -> No
     old.mkdir()
     meta = {"format_version": 1, **SMALL, "seed": 0, "images": False, "image_size": [112, 224]}
     (old / "synth_meta.json").write_text(json.dumps(meta))
-    with pytest.raises(FileExistsError, match="'format_version': 1.*\n.*'format_version': 2"):
+    with pytest.raises(FileExistsError, match=rf"'format_version': 1.*\n.*'format_version': {synth.FORMAT_VERSION}"):
         synth.generate(old, images=False, **SMALL)
 
 

@@ -11,7 +11,8 @@ grid), the thinking and the action an expert takes; the screen alone decides the
 reading the element list can learn it too (``data.elements_in_text``). Screenshots are drawn with Pillow.
 
 The validation and test splits are held out: their tasks ask for settings, contacts, messages, products, places and
-photos that no training task asks for, and they start in apps no training episode starts in.
+photos that no training task asks for (new settings; new pairs of known words for the others), and they start in apps
+no training episode starts in.
 
 Usage::
 
@@ -34,7 +35,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from autoglm_distill.data import SPLITS, SYSTEM_PROMPT
 
-FORMAT_VERSION = 2  # 1: one-step chats on a 0-1000 grid; 2: episodes on Open-AutoGLM's 0-999 grid
+# 1: one-step chats, 0-1000 grid; 2: episodes, Open-AutoGLM's 0-999 grid; 3: entity pools too large to memorise
+FORMAT_VERSION = 3
 # The parameters a folder was generated with; the folder appears whole (renamed into place), this file with it.
 META_FILE = "synth_meta.json"
 TOP, BOTTOM, RIGHT = 110, 960, 959  # the content area below the status bar and title, on the 0-999 grid
@@ -57,19 +59,53 @@ OTHER_APPS = {
 }
 APPS = TASK_APPS + tuple(OTHER_APPS)
 
-# What tasks ask for. The last quarter of each tuple is held out: only val/test tasks ask for it (screens show any).
+
+def combine(firsts: tuple[str, ...], seconds: tuple[str, ...]) -> tuple[str, ...]:
+    """Every ``"first second"`` name, in a fixed shuffled order: the held-out last quarter is then new pairs of words
+    that training tasks also use, so a model can only pass the held-out tasks by reading the names, not by
+    remembering them."""
+    names = [f"{a} {b}" for a in firsts for b in seconds]
+    random.Random(0).shuffle(names)
+    return tuple(names)
+
+
+# What tasks ask for: 48 to 288 values per kind, too many to memorise, so a model has to copy the name from the
+# task and find it on the screen. The last quarter of each tuple is held out: only val/test tasks ask for it
+# (screens show any).
+SETTINGS = (
+    "Wi-Fi", "Bluetooth", "Dark mode", "Location", "Airplane mode", "Auto-rotate", "Battery saver", "Do not disturb",
+    "Hotspot", "NFC", "Night light", "Vibration", "Mobile data", "Data saver", "Screen lock", "Face unlock",
+    "Fingerprint", "Live captions", "Flashlight", "Eye comfort", "Adaptive brightness", "Always-on display",
+    "Touch sounds", "Keyboard vibration", "Auto-update apps", "Background data", "Roaming", "Wi-Fi calling",
+    "Screen saver", "Nearby share", "Magnification", "Color inversion", "Mono audio", "Auto time", "24-hour time",
+    "Notification dots", "Bubbles", "Lift to wake", "Tap to wake", "Extra dim", "Private DNS", "VPN", "Printing",
+    "USB debugging", "Smart lock", "Caller ID", "Call waiting", "Dial pad tones",
+)  # fmt: skip
+FIRST_NAMES = (
+    "Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Liam", "Mia", "Noah",
+    "Olivia", "Paul", "Quinn", "Rosa", "Sam", "Tina", "Umar", "Vera", "Will", "Zoe",
+)  # fmt: skip
+LAST_NAMES = ("Chen", "Smith", "Garcia", "Kim", "Novak", "Okafor", "Rossi", "Silva", "Tanaka", "Weber", "Young", "Ali")
 ENTITIES = {
-    "setting": ("Wi-Fi", "Bluetooth", "Dark mode", "Location", "Airplane mode", "Auto-rotate", "Battery saver")
-    + ("Do not disturb", "Hotspot", "NFC", "Night light", "Vibration"),
-    "contact": ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Liam"),
-    "message": ("See you at 5", "On my way", "Thanks, talk soon", "Lunch tomorrow?", "Call me later")
-    + ("Running late", "Happy birthday", "Good night"),
-    "product": ("headphones", "backpack", "sneakers", "desk lamp", "coffee maker", "water bottle", "sunglasses")
-    + ("phone case", "yoga mat", "rain jacket", "usb cable", "tea kettle"),
-    "place": ("Central Station", "City Museum", "the airport", "Lakeside Park", "Main Library", "Old Town")
-    + ("Harbour Market", "Science Centre", "North Beach", "Grand Hotel"),
-    "photo": ("Beach sunset", "Birthday cake", "Mountain hike", "City lights", "Dog in park", "Snowy street")
-    + ("Family dinner", "Red tulips", "Night sky", "Old bridge"),
+    "setting": SETTINGS,
+    "contact": combine(FIRST_NAMES, LAST_NAMES),
+    "message": combine(
+        ("See you", "Call me", "Meet me", "Running late", "Back home", "Free", "Lunch", "Dinner", "Coffee", "Home"),
+        ("at 5", "tonight", "tomorrow", "after work", "soon", "on Friday", "at noon", "later", "this week"),
+    ),
+    "product": combine(
+        ("red", "blue", "black", "white", "green", "grey", "leather", "steel", "wooden", "bamboo"),
+        ("headphones", "backpack", "sneakers", "desk lamp", "coffee maker", "water bottle", "sunglasses", "phone case")
+        + ("yoga mat", "rain jacket", "usb cable", "tea kettle", "wallet", "umbrella", "notebook", "watch"),
+    ),
+    "place": combine(
+        ("Central", "Lakeside", "Harbour", "North", "Old Town", "Riverside", "Hillside", "West End", "Kings", "Union"),
+        ("Station", "Museum", "Park", "Library", "Market", "Beach", "Hotel", "Stadium", "Gallery", "Zoo"),
+    ),
+    "photo": combine(
+        ("Beach", "Mountain", "City", "Garden", "Lake", "Forest", "Snowy", "Desert", "Harbour", "Family"),
+        ("sunset", "hike", "lights", "picnic", "view", "dinner", "walk", "party", "morning", "trip"),
+    ),
 }
 VARIANTS = ("Classic", "Pro", "Lite", "Max", "Sport", "Mini")
 SETTINGS_EXTRA = ("About this setting", "Advanced options", "Help")
