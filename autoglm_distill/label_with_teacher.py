@@ -39,7 +39,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
-from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.actions import step_correct, try_parse
@@ -47,7 +46,7 @@ from autoglm_distill.data import SPLITS
 from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
 from autoglm_distill.data.prepare import episode_format, prepare_data
 from autoglm_distill.evaluate import generate_answers
-from autoglm_distill.models import count_parameters, freeze, is_image_text, load_pretrained
+from autoglm_distill.models import count_parameters, load_teacher
 from autoglm_distill.utils import rank_zero_logger, save_dir_atomic, write_json_atomic
 
 log = rank_zero_logger(__name__)
@@ -215,11 +214,8 @@ def label_with_teacher(cfg: DictConfig) -> dict:
         )
     write_json_atomic(settings_file, wanted)
 
-    t = cfg.teacher
-    teacher = freeze(load_pretrained(str(t.path), t.kind, t.dtype, t.trust_remote_code, role="teacher"))
+    teacher, tokenizer, image_processor = load_teacher(cfg.teacher, cfg.teacher.path)
     teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(t.path))
-    image_processor = AutoImageProcessor.from_pretrained(str(t.path)) if is_image_text(teacher) else None
     encoder = ChatEncoder(tokenizer, image_processor, int(cfg.data.max_length))
     started = time.perf_counter()
     with Progress() as progress:
@@ -227,7 +223,7 @@ def label_with_teacher(cfg: DictConfig) -> dict:
             label_split(teacher, encoder, root, split_prompts, logs / f"{split}.jsonl", cfg, progress)
 
     meta = {
-        "teacher": {"path": str(t.path), "params": count_parameters(teacher)},
+        "teacher": {"path": str(cfg.teacher.path), "params": count_parameters(teacher)},
         "data": str(root),
         "reject": bool(settings.reject),
         "settings": wanted,

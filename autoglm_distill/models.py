@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoTokenizer,
     Glm4Config,
     Glm4ForCausalLM,
     Glm4vConfig,
@@ -149,6 +151,16 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_teacher(teacher_cfg, path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Any]:
+    """The frozen teacher in ``path`` (``teacher.kind``, ``dtype``, ``trust_remote_code`` from ``teacher_cfg``), its
+    tokenizer, and its image processor (None for a text-only teacher)."""
+    t = teacher_cfg
+    teacher = freeze(load_pretrained(str(path), t.kind, t.dtype, t.trust_remote_code, role="teacher"))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    image_processor = AutoImageProcessor.from_pretrained(str(path)) if is_image_text(teacher) else None
+    return teacher, tokenizer, image_processor
 
 
 def is_image_text(model: PreTrainedModel) -> bool:

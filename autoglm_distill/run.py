@@ -29,14 +29,7 @@ from autoglm_distill.data.phone import PhoneDataModule, corpus_texts
 from autoglm_distill.data.prepare import data_module, prepare_data
 from autoglm_distill.evaluate import evaluate_models, report_tables
 from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
-from autoglm_distill.models import (
-    build_model,
-    check_compatible,
-    count_parameters,
-    freeze,
-    is_image_text,
-    load_pretrained,
-)
+from autoglm_distill.models import build_model, check_compatible, count_parameters, is_image_text, load_teacher
 from autoglm_distill.student import build_student, check_cache_fits, student_record
 from autoglm_distill.teacher_cache import TeacherCache
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
@@ -76,14 +69,14 @@ def run(cfg: DictConfig) -> dict:
                 log.info("Reusing the teacher trained earlier: %s", teacher_path)
             else:
                 summary["stages"]["teacher_pretrain"] = train_scratch_teacher(cfg, root, teacher_path)
-        teacher = None
         if cache is None:
             log.info("Instantiating teacher <%s> from %s", cfg.teacher.kind, teacher_path)
-            t = cfg.teacher
-            teacher = freeze(load_pretrained(str(teacher_path), t.kind, t.dtype, t.trust_remote_code, role="teacher"))
-        tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
-        teacher_images = cache.images if cache is not None else is_image_text(teacher)
-        image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if teacher_images else None
+            teacher, tokenizer, image_processor = load_teacher(cfg.teacher, teacher_path)
+            teacher_images = image_processor is not None
+        else:  # the cache folder holds the teacher's tokenizer and image processor, not its weights
+            teacher, teacher_images = None, cache.images
+            tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
+            image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if teacher_images else None
 
         # 3. student (seeded here and again for the baseline: both start from the same weights)
         pl.seed_everything(cfg.seed, workers=True)

@@ -21,14 +21,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from rich.progress import Progress
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data import SPLITS
 from autoglm_distill.data.phone import model_inputs
 from autoglm_distill.data.prepare import data_module, prepare_data
 from autoglm_distill.losses import auto_chunk_tokens
-from autoglm_distill.models import count_parameters, freeze, is_image_text, load_pretrained, vocab_size
+from autoglm_distill.models import count_parameters, is_image_text, load_teacher, vocab_size
 from autoglm_distill.teacher_cache import CacheWriter, TeacherCacheError, fingerprint, top_k
 from autoglm_distill.utils import rank_zero_logger, save_dir_atomic
 
@@ -81,11 +81,8 @@ def build_cache(cfg: DictConfig) -> dict:
             "trained inside a run): set teacher=pretrained teacher.path=<its folder>, e.g. outputs/demo/<time>/teacher."
         )
     root = prepare_data(cfg)
-    teacher = freeze(load_pretrained(str(cfg.teacher.path), cfg.teacher.kind, cfg.teacher.dtype,
-                                     cfg.teacher.trust_remote_code, role="teacher"))  # fmt: skip
+    teacher, tokenizer, image_processor = load_teacher(cfg.teacher, cfg.teacher.path)
     teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.teacher.path))
-    image_processor = AutoImageProcessor.from_pretrained(str(cfg.teacher.path)) if is_image_text(teacher) else None
     images = is_image_text(teacher) and student_takes_images(cfg, teacher)
     datamodule = data_module(cfg, root, tokenizer, image_processor if images else None)
     k, temperature = int(settings.k), float(cfg.distill.loss.temperature)
