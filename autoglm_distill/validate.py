@@ -13,14 +13,14 @@ from collections.abc import Callable
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from autoglm_distill.data import SPLITS
+from autoglm_distill.data import SPLITS, synth
 from autoglm_distill.data.phone import ON_BAD_EXAMPLE
 from autoglm_distill.data.prepare import episode_format
 from autoglm_distill.export.exporter import settings_from_config
 from autoglm_distill.models import ARCHS, LOAD_KINDS
 from autoglm_distill.training import stage_callbacks
 
-GENERATE_KEYS = {"n_train", "n_val", "n_test", "seed", "images", "image_size"}
+GENERATE_KEYS = {"n_train", "n_val", "n_test", "seed", "images", "image_size", "kind"}
 
 
 class ConfigError(ValueError):
@@ -119,5 +119,9 @@ def cross_field_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"data.generate lacks {sorted(missing)} (a recipe set only part of it?): to use your own data "
             "add data.generate=null, else give the missing keys."
+        )
+    if generate is not None and "kind" in generate and generate.kind not in synth.KINDS:
+        problems.append(
+            f"data.generate.kind={generate.kind!r} is not a synthetic data kind: use one of {', '.join(synth.KINDS)}."
         )
     return problems

@@ -67,7 +67,8 @@ def test_layout_and_meta(dataset: Path) -> None:
     names = ["images", "synth_meta.json", "test.jsonl", "train.jsonl", "val.jsonl"]
     assert sorted(p.name for p in dataset.iterdir()) == names
     meta = json.loads((dataset / "synth_meta.json").read_text())
-    assert meta == {"format_version": synth.FORMAT_VERSION, **SMALL, "seed": 0, "images": True, "image_size": [90, 180]}
+    expected = {"format_version": synth.FORMAT_VERSION, **SMALL, "seed": 0, "images": True, "image_size": [90, 180]}
+    assert meta == {**expected, "kind": "phone"}
     assert not list(dataset.parent.glob(".*tmp*"))  # the temporary folder was renamed, not left behind
 
 

@@ -34,6 +34,7 @@ def prepare_data(cfg: DictConfig, wait_s: float = 1800.0) -> Path:
                 seed=gen.seed,
                 images=gen.images,
                 image_size=tuple(gen.image_size),
+                kind=gen.kind,
             )
         except FileExistsError as err:  # e.g. a folder from an older generator version: name the fix in Hydra terms
             raise DataError(

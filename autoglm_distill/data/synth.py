@@ -37,6 +37,9 @@ from autoglm_distill.data import SPLITS, SYSTEM_PROMPT
 
 # 1: one-step chats, 0-1000 grid; 2: episodes, Open-AutoGLM's 0-999 grid; 3: entity pools too large to memorise
 FORMAT_VERSION = 3
+# What the episodes are: phone tasks (this module) or launcher pages of coloured icon tiles (``launcher``: the
+# screenshot demo, where the model must find things by their look).
+KINDS = ("phone", "launcher")
 # The parameters a folder was generated with; the folder appears whole (renamed into place), this file with it.
 META_FILE = "synth_meta.json"
 TOP, BOTTOM, RIGHT = 110, 960, 959  # the content area below the status bar and title, on the 0-999 grid
@@ -589,8 +592,18 @@ def _key(ep: Episode) -> str:
     return json.dumps([ep.task, first.app, [(e.text, e.box) for e in first.elements]])
 
 
+def _kind(kind: str):
+    """The episode sampler and screenshot renderer of a data kind: ``phone`` (this module) or ``launcher``."""
+    if kind == "launcher":
+        from autoglm_distill.data import launcher
+
+        return (lambda rng, pools: launcher.sample_episode(rng, pools.held)), launcher.render
+    return sample_episode, render
+
+
 def _write(folder: Path, params: dict) -> None:
     """Write all splits, images and the meta file into ``folder``."""
+    sample, draw = _kind(params.get("kind", "phone"))
     seen: set[str] = set()  # episodes of all earlier splits: splits never share one
     sizes = (params["n_train"], params["n_val"], params["n_test"])
     for split, n in zip(SPLITS, sizes, strict=True):
@@ -599,7 +612,7 @@ def _write(folder: Path, params: dict) -> None:
         lines = []
         for idx in range(n):
             for _ in range(1000):
-                ep = sample_episode(rng, pools)
+                ep = sample(rng, pools)
                 if _key(ep) not in seen:
                     break
             else:
@@ -609,7 +622,7 @@ def _write(folder: Path, params: dict) -> None:
             if params["images"]:
                 (folder / "images" / ep_id).mkdir(parents=True)
                 for t, step in enumerate(ep.steps):
-                    render(step.screen, tuple(params["image_size"])).save(folder / "images" / ep_id / f"{t}.png")
+                    draw(step.screen, tuple(params["image_size"])).save(folder / "images" / ep_id / f"{t}.png")
             lines.append(json.dumps(episode_record(ep_id, ep, params["images"]), ensure_ascii=False) + "\n")
         (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     (folder / META_FILE).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
@@ -630,6 +643,7 @@ def generate(
     seed: int = 0,
     images: bool = True,
     image_size: tuple[int, int] = (112, 224),
+    kind: str = "phone",
 ) -> Path:
     """Generate the episodes into ``out_dir``, or reuse it if it was generated with the same parameters.
 
@@ -644,13 +658,17 @@ def generate(
         seed: Random seed; the same seed gives byte-identical files.
         images: Whether to draw a PNG screenshot per step and reference it from the step.
         image_size: Screenshot size in pixels, (width, height).
+        kind: ``phone`` (multi-step phone tasks) or ``launcher`` (find an app's icon by its look; see ``launcher``).
 
     Returns:
         The output folder.
 
     Raises:
         FileExistsError: If ``out_dir`` holds other data.
+        ValueError: If ``kind`` is not one of ``KINDS``.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown synthetic data kind {kind!r}; use one of {KINDS} (data.generate.kind)")
     out = Path(out_dir)
     params = {
         "format_version": FORMAT_VERSION,
@@ -660,9 +678,12 @@ def generate(
         "seed": int(seed),
         "images": bool(images),
         "image_size": [int(image_size[0]), int(image_size[1])],
+        "kind": kind,
     }
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         existing = _read_meta(out)
+        if existing is not None:
+            existing.setdefault("kind", "phone")  # folders written before launcher data existed
         if existing == params:
             return out
         what = "data generated with different parameters" if existing else f"other data (no {META_FILE})"
@@ -705,9 +726,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", action=argparse.BooleanOptionalAction, default=True, help="draw PNG screens")
     parser.add_argument("--image-size", type=_image_size, default=(112, 224), help="WIDTHxHEIGHT in pixels")
+    parser.add_argument("--kind", choices=KINDS, default="phone", help="phone tasks, or launcher icons (vision demo)")
     args = parser.parse_args(argv)
     try:
-        out = generate(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.images, args.image_size)
+        out = generate(
+            args.out, args.n_train, args.n_val, args.n_test, args.seed, args.images, args.image_size, args.kind
+        )
     except FileExistsError as e:
         parser.exit(1, f"error: {e}\n")
     print(out)
