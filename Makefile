@@ -1,11 +1,12 @@
 # Two commands do everything on a fresh machine; each sets up .venv first when needed.
 #   make demo   the CPU demo: python -m autoglm_distill (recipe=demo)
+#   make demo-vision   the screenshot demo: python -m autoglm_distill recipe=demo_vision
 #   make test   the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup
+.PHONY: demo demo-vision test setup
 
 setup: $(VENV)/.installed
 
@@ -18,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m autoglm_distill
+
+demo-vision: setup
+	$(PY) -m autoglm_distill recipe=demo_vision
 
 test: setup
 	$(PY) -m pytest -q
