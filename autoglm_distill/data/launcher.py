@@ -87,7 +87,7 @@ def other_apps(rng: random.Random, app: str, k: int) -> list[str]:
 
 
 def app_screen(app: str) -> Screen:
-    """The app just opened: its colour fills the screen, its icon large in the middle."""
+    """The app just opened: a light tint of its colour, its icon large in the middle."""
     return Screen(app, [Element(app, (0, 0, 999, 40)), Element(f"{app} icon", (250, 300, 750, 600))])
 
 
