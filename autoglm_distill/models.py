@@ -158,9 +158,13 @@ def load_teacher(teacher_cfg, path: str | Path) -> tuple[PreTrainedModel, PreTra
     tokenizer, and its image processor (None for a text-only teacher)."""
     t = teacher_cfg
     teacher = freeze(load_pretrained(str(path), t.kind, t.dtype, t.trust_remote_code, role="teacher"))
+    return teacher, *load_processors(path, is_image_text(teacher))
+
+
+def load_processors(path: str | Path, images: bool) -> tuple[PreTrainedTokenizerBase, Any]:
+    """The tokenizer saved in ``path``, and its image processor when ``images`` (else None)."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    image_processor = AutoImageProcessor.from_pretrained(str(path)) if is_image_text(teacher) else None
-    return teacher, tokenizer, image_processor
+    return tokenizer, AutoImageProcessor.from_pretrained(str(path)) if images else None
 
 
 def is_image_text(model: PreTrainedModel) -> bool:

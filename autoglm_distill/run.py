@@ -22,14 +22,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
-from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
 from autoglm_distill.data.phone import PhoneDataModule, corpus_texts
 from autoglm_distill.data.prepare import data_module, prepare_data
 from autoglm_distill.evaluate import evaluate_models, report_tables
 from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
-from autoglm_distill.models import build_model, check_compatible, count_parameters, is_image_text, load_teacher
+from autoglm_distill.models import (
+    build_model,
+    check_compatible,
+    count_parameters,
+    is_image_text,
+    load_processors,
+    load_teacher,
+)
 from autoglm_distill.student import build_student, check_cache_fits, student_record
 from autoglm_distill.teacher_cache import TeacherCache
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
@@ -75,8 +81,7 @@ def run(cfg: DictConfig) -> dict:
             teacher_images = image_processor is not None
         else:  # the cache folder holds the teacher's tokenizer and image processor, not its weights
             teacher, teacher_images = None, cache.images
-            tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
-            image_processor = AutoImageProcessor.from_pretrained(str(teacher_path)) if teacher_images else None
+            tokenizer, image_processor = load_processors(teacher_path, teacher_images)
 
         # 3. student (seeded here and again for the baseline: both start from the same weights)
         pl.seed_everything(cfg.seed, workers=True)

@@ -52,12 +52,14 @@ RUNS = (
     ("position_tile", 3e-3),
     ("position_tile", 3e-4),
 )
-CHANCE = {  # mean loss per answer token when guessing uniformly
-    "colour_full": math.log(len(COLOURS)),
-    "colour_text": math.log(len(COLOURS)),
-    "colour_tile": math.log(len(COLOURS)),
-    "position_tile": None,  # set from the tokenization: log(7) + log(4) over the answer's tokens
-}
+
+
+def chance_losses(tokenizer) -> dict[str, float]:
+    """Mean loss per answer token when guessing uniformly: a colour is one token; a position's log(7) + log(4) is
+    spread over the answer's tokens."""
+    position_tokens = len(tokenizer(" 3, column 2", add_special_tokens=False)["input_ids"])
+    chance = {task: math.log(len(COLOURS)) for task, _ in RUNS if task != "position_tile"}
+    return chance | {"position_tile": (math.log(launcher.ROWS) + math.log(launcher.COLUMNS)) / position_tokens}
 
 
 def sample(task: str, rng: random.Random) -> tuple[Image.Image | None, str, str]:
@@ -196,9 +198,7 @@ def main() -> None:
     corpus = [p + a for task, _ in RUNS for p, a in (sample(task, random.Random(i))[1:] for i in range(200))]
     tokenizer = train_glm_tokenizer(corpus, vocab_size=512)
     image_processor = build_image_processor(SIZE)
-    chance = dict(CHANCE)
-    answer_tokens = len(tokenizer(" 3, column 2", add_special_tokens=False)["input_ids"])
-    chance["position_tile"] = (math.log(launcher.ROWS) + math.log(launcher.COLUMNS)) / answer_tokens
+    chance = chance_losses(tokenizer)
 
     probe = row_probe(config, tokenizer, image_processor, args.seed)
     results = []

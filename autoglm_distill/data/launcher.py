@@ -27,7 +27,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from autoglm_distill.data.synth import APPS, Element, Episode, Screen, finish
+from autoglm_distill.data.synth import APPS, Element, Episode, Screen, finish, pixel_box
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -88,7 +88,7 @@ def other_apps(rng: random.Random, app: str, k: int) -> list[str]:
 
 def app_screen(app: str) -> Screen:
     """The app just opened: a light tint of its colour, its icon large in the middle."""
-    return Screen(app, [Element(app, (0, 0, 999, 40)), Element(f"{app} icon", (250, 300, 750, 600))])
+    return Screen(app, [Element(app, STATUS_BAR.box), Element(f"{app} icon", (250, 300, 750, 600))])
 
 
 def sample_episode(rng: random.Random, held: bool) -> Episode:
@@ -128,20 +128,15 @@ def draw_icon(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], colour:
 
 def render(screen: Screen, size: tuple[int, int]) -> Image.Image:
     """Draw a launcher page (unlabelled icons) or an opened app (its colour, its icon large), ``size`` = (w, h)."""
-    w, h = size
-
-    def px(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        return box[0] * w // 1000, box[1] * h // 1000, box[2] * w // 1000, box[3] * h // 1000
-
     if screen.app == "Home":
         img = Image.new("RGB", size, WALLPAPER)
         draw = ImageDraw.Draw(img)
         for el in screen.elements[1:]:
-            draw_icon(draw, px(el.box), *ICONS[el.text])
+            draw_icon(draw, pixel_box(el.box, size), *ICONS[el.text])
     else:
         colour, shape = ICONS[screen.app]
         img = Image.new("RGB", size, tuple(255 - (255 - c) // 4 for c in COLOURS[colour]))  # a light tint
         draw = ImageDraw.Draw(img)
-        draw_icon(draw, px(screen.elements[1].box), colour, shape)
-    draw.rectangle(px(STATUS_BAR.box), fill=(30, 30, 30))
+        draw_icon(draw, pixel_box(screen.elements[1].box, size), colour, shape)
+    draw.rectangle(pixel_box(STATUS_BAR.box, size), fill=(30, 30, 30))
     return img

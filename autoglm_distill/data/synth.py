@@ -522,6 +522,12 @@ def _font(height: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def pixel_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A 0-999 grid box in pixels of a ``size`` = (width, height) screenshot."""
+    w, h = size
+    return box[0] * w // 1000, box[1] * h // 1000, box[2] * w // 1000, box[3] * h // 1000
+
+
 def render(screen: Screen, size: tuple[int, int]) -> Image.Image:
     """Draw ``screen`` as a phone screenshot of ``size`` = (width, height) pixels."""
     w, h = size
@@ -529,20 +535,17 @@ def render(screen: Screen, size: tuple[int, int]) -> Image.Image:
     draw = ImageDraw.Draw(img)
     font = _font(h)
 
-    def px(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        return box[0] * w // 1000, box[1] * h // 1000, box[2] * w // 1000, box[3] * h // 1000
-
     def text_at(x: int, y: int, text: str, fill: tuple[int, int, int]) -> None:
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         draw.text((x - (right - left) // 2 - left, y - (bottom - top) // 2 - top), text, fill=fill, font=font)
 
-    draw.rectangle(px((0, 0, 999, 40)), fill=(30, 30, 30))  # status bar
+    draw.rectangle(pixel_box((0, 0, 999, 40), size), fill=(30, 30, 30))  # status bar
     text_at(w // 2, 20 * h // 1000, "12:00", (255, 255, 255))
     heading, *elements = screen.elements
     text_at(w // 2, heading.center[1] * h // 1000, heading.text, (20, 20, 20))
     colour = APP_COLOURS.get(screen.app, (230, 230, 230))
     for el in elements:
-        box = px(el.box)
+        box = pixel_box(el.box, size)
         radius = max(1, min(box[2] - box[0], box[3] - box[1]) // 4)
         if el.text.endswith("(focused)"):  # white with a thick blue border, like a field with the cursor in it
             draw.rounded_rectangle(box, radius, fill=(255, 255, 255), outline=(25, 118, 210), width=max(2, w // 60))
