@@ -247,6 +247,12 @@ class DistillationLoss(nn.Module):
         self.beta, self.skew, self.ignore_index = beta, skew, ignore_index
         self.chunk_size = chunk_size
 
+    def with_alpha(self, alpha: float) -> DistillationLoss:
+        """The same loss with another ``alpha`` (1: the divergence alone)."""
+        return DistillationLoss(
+            self.kind, self.temperature, alpha, self.beta, self.skew, self.ignore_index, self.chunk_size
+        )
+
     def chunk_tokens(self, vocab_size: int) -> int:
         """Tokens per chunk for a vocabulary of ``vocab_size``."""
         return auto_chunk_tokens(vocab_size) if self.chunk_size == "auto" else int(self.chunk_size)

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from autoglm_distill.data.phone import model_inputs
 from autoglm_distill.losses import DistillationLoss, DistillationLossOutput, HeadTargets, Teacher, TopKTargets
 from autoglm_distill.models import plain_head
+from autoglm_distill.on_policy import OnPolicy, rollout, target_logprob
 from autoglm_distill.utils import rank_zero_logger
 
 log = rank_zero_logger(__name__)
@@ -34,6 +35,7 @@ class DistillModule(pl.LightningModule):
         scheduler: partial LR schedule, called with the optimizer and ``num_training_steps``; optional.
         teacher: frozen model whose logits are the soft targets; None for the hard-label baseline or a cache.
         cache_temperature: the temperature of cached targets in the batches; None without a cache.
+        on_policy: who writes each training batch's answers (`autoglm_distill.on_policy`); None: the data.
     """
 
     def __init__(
@@ -44,10 +46,19 @@ class DistillModule(pl.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         teacher: PreTrainedModel | None = None,
         cache_temperature: float | None = None,
+        on_policy: OnPolicy | None = None,
     ):
         super().__init__()
         if teacher is None and cache_temperature is None and loss.alpha > 0:
             raise ValueError(f"distill.loss.alpha={loss.alpha} needs a teacher; use alpha=0 to train without one.")
+        if on_policy is not None and on_policy.active and teacher is None:
+            raise ValueError(
+                "distill.on_policy needs the live teacher to score new answers, and a cache cannot score tokens it "
+                "never saw: use distill.teacher=model, or distill.on_policy.lmbda=0 distill.on_policy.seq_kd=false."
+            )
+        self.on_policy = on_policy if on_policy is not None and on_policy.active else None
+        # On the student's own samples there is no reference answer: the divergence alone trains.
+        self.sample_loss = loss.with_alpha(1.0) if self.on_policy is not None else None
         self.student, self.teacher, self.loss = student, teacher, loss
         self.cache_temperature = cache_temperature
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -89,18 +100,36 @@ class DistillModule(pl.LightningModule):
             hidden = self.teacher.model(**inputs).last_hidden_state[:, :-1]
         return HeadTargets(hidden, self.teacher.get_output_embeddings().weight)
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> DistillationLossOutput:
+    def _forward(
+        self, batch: dict[str, torch.Tensor], loss: DistillationLoss | None = None
+    ) -> tuple[DistillationLossOutput, Teacher | None]:
+        """The loss of ``batch`` (``self.loss`` unless given) and the teacher targets it used."""
+        loss = loss or self.loss
         inputs = model_inputs(batch)
         labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
         head = self._head()
         teacher = self._teacher_targets(batch, inputs, chunked=head is not None)
         if head is None:
-            return self.loss(self.student(**inputs).logits[:, :-1], labels, teacher)
+            return loss(self.student(**inputs).logits[:, :-1], labels, teacher), teacher
         hidden = self.student.model(**inputs).last_hidden_state[:, :-1]
-        return self.loss.from_hidden(hidden, head.weight, labels, teacher)
+        return loss.from_hidden(hidden, head.weight, labels, teacher), teacher
+
+    def _sampled_step(self, batch: dict[str, torch.Tensor]) -> DistillationLossOutput:
+        """A step whose answers the student or teacher samples (`autoglm_distill.on_policy`), with its metrics."""
+        source = self.on_policy.source(self.global_step)
+        self.log("train/on_policy_share", float(source == "student"), on_step=False, on_epoch=True, sync_dist=True)
+        if source == "data":
+            return self._forward(batch)[0]
+        writer = self.student if source == "student" else self.teacher
+        batch, lengths = rollout(writer, batch, self.on_policy)
+        out, teacher = self._forward(batch, self.sample_loss if source == "student" else self.loss)
+        self.log(f"train/{source}_sample_len", lengths.mean(), sync_dist=True)
+        if source == "student":
+            self.log("train/teacher_logp_of_student", target_logprob(teacher, batch["labels"][:, 1:]), sync_dist=True)
+        return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self._forward(batch)
+        out = self._forward(batch)[0] if self.on_policy is None else self._sampled_step(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({out.loss.item()}) at step {self.global_step}: lower optimizer.lr, "
@@ -116,7 +145,7 @@ class DistillModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Token-weighted means in torchmetrics objects: reduced over every process's share of the split.
-        out = self._forward(batch)
+        out = self._forward(batch)[0]
         self.val_ce.update(out.ce, weight=out.num_tokens)
         self.log("val/ce", self.val_ce, prog_bar=True)
         if self.has_teacher:

@@ -4,7 +4,8 @@
 2. teacher     load with from_pretrained (hub id or folder), or train one here first (teacher=scratch_*), or read its
                cached targets (distill.teacher=cache)
 3. student     build from a preset or load with from_pretrained; vocabularies must match
-4. distill     Lightning fit: KD + hard-label loss; the student is saved to <run dir>/student
+4. distill     Lightning fit: KD + hard-label loss (on the student's own samples too, with distill.on_policy); the
+               student is saved to <run dir>/student
 5. baseline    (optional) the same student on hard labels only, same steps and data
 6. evaluate    greedy generation + action metrics, teacher-forced CE and top-1 agreement
 7. export      ONNX, TFLite and Core ML student artifacts, each verified, into export/<run name>/ (export=none: off)
@@ -36,6 +37,7 @@ from autoglm_distill.models import (
     load_processors,
     load_teacher,
 )
+from autoglm_distill.on_policy import from_config as on_policy_from_config
 from autoglm_distill.student import build_student, check_cache_fits, student_record
 from autoglm_distill.teacher_cache import TeacherCache
 from autoglm_distill.tokenizer import build_image_processor, train_glm_tokenizer
@@ -121,6 +123,7 @@ def run(cfg: DictConfig) -> dict:
             loss,
             teacher=teacher,
             cache_temperature=cache.temperature if cache is not None else None,
+            on_policy=on_policy_from_config(cfg.distill.on_policy, tokenizer, cfg.seed),
             ckpt_path=ckpt_path,
             save=lambda model: save_model(out_dir / "student", model, tokenizer, image_processor),
         )

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from autoglm_distill.data.phone import PhoneDataModule
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.module import DistillModule
+from autoglm_distill.on_policy import OnPolicy
 from autoglm_distill.strategies import trained_student
 from autoglm_distill.tracking import start_loggers
 from autoglm_distill.utils import rank_zero_logger, save_dir_atomic
@@ -67,6 +68,7 @@ def fit(
     loss: DistillationLoss,
     teacher=None,
     cache_temperature: float | None = None,
+    on_policy: OnPolicy | None = None,
     max_steps: int | None = None,
     lr: float | None = None,
     warmup: int | None = None,
@@ -85,6 +87,7 @@ def fit(
         optimizer=optimizer,
         scheduler=scheduler,
         cache_temperature=cache_temperature,
+        on_policy=on_policy,
     )
     trainer = make_trainer(cfg, stage, max_steps)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from autoglm_distill.data.phone import ON_BAD_EXAMPLE
 from autoglm_distill.data.prepare import episode_format
 from autoglm_distill.export.exporter import settings_from_config
 from autoglm_distill.models import ARCHS, LOAD_KINDS
+from autoglm_distill.on_policy import OnPolicy
 from autoglm_distill.training import stage_callbacks
 
 GENERATE_KEYS = {"n_train", "n_val", "n_test", "seed", "images", "image_size", "kind"}
@@ -49,6 +50,11 @@ def component_problems(cfg: DictConfig) -> list[str]:
     config key."""
     problems = _built("distill.loss", lambda: instantiate(cfg.distill.loss))
     problems += _built("data", lambda: episode_format(cfg))
+    p = cfg.distill.on_policy
+    problems += _built(
+        "distill.on_policy",
+        lambda: OnPolicy(p.lmbda, p.seq_kd, p.temperature, p.max_new_tokens, pad_token_id=0, eos_token_id=0),
+    )
     export = cfg.get("export")
     if export is not None and export.enabled:
         problems += _built("export", lambda: settings_from_config(export))
@@ -99,6 +105,13 @@ def cross_field_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             "student.init=pruned_teacher needs the teacher's weights, which distill.teacher=cache never loads: "
             "use student.init=random, or distill.teacher=model."
+        )
+    on_policy = cfg.distill.on_policy
+    if cfg.distill.teacher == "cache" and (on_policy.lmbda > 0 or on_policy.seq_kd):
+        problems.append(
+            "distill.on_policy needs the live teacher to score the answers it samples, and a cache cannot score "
+            "tokens it never saw: use distill.teacher=model, or distill.on_policy.lmbda=0 "
+            "distill.on_policy.seq_kd=false."
         )
     callbacks = {name for name, cb in (cfg.get("callbacks") or {}).items() if "_target_" in cb}  # selected ones
     if "sparsity" in callbacks and callbacks & {"prune_structured", "qat"}:

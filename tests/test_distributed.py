@@ -135,3 +135,43 @@ def test_fsdp_smoke_run_on_one_gpu(tmp_path):
     summary = read_summary(tmp_path)
     assert summary["status"] == "completed" and summary["stages"]["distill"]["steps"] == 4
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_on_policy_run_samples_on_both_ranks(tmp_path):
+    """distill.on_policy under DDP: every rank draws the same source each step (no rank waits on a generate the
+    other skipped) and samples its own share of the batch; the logged metrics are the two ranks' mean."""
+    proc = run_cli(
+        [
+            "recipe=smoke",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "logger=csv",
+            "baseline=false",
+            "eval.teacher=false",
+            "distill.on_policy.lmbda=0.5",
+            "distill.on_policy.seq_kd=true",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = read_summary(tmp_path)
+    assert summary["stages"]["distill"]["world_size"] == 2 and summary["stages"]["distill"]["steps"] == 4
+    student_steps = logged(tmp_path, "train/student_sample_len")
+    teacher_steps = logged(tmp_path, "train/teacher_sample_len")
+    # lmbda=0.5 with seq_kd: each of the 4 steps is sampled by exactly one of the two models.
+    assert student_steps and teacher_steps and sorted(student_steps | teacher_steps) == [0, 1, 2, 3]
+    share = [float(v) for v in logged(tmp_path, "train/on_policy_share").values()]
+    assert share == [pytest.approx(len(student_steps) / 4)]
+
+
+@pytest.mark.gpu
+def test_fsdp_on_policy_smoke_run_on_one_gpu(tmp_path):
+    proc = run_cli(
+        ["recipe=smoke", "trainer=fsdp", "trainer.devices=1", "distill.on_policy.lmbda=1", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert read_summary(tmp_path)["stages"]["distill"]["steps"] == 4
