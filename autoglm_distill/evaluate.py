@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -14,6 +15,7 @@ from rich.progress import track
 from rich.table import Table
 from transformers import PreTrainedModel
 
+from autoglm_distill import environment
 from autoglm_distill.actions import ActionMetrics
 from autoglm_distill.data.phone import ChatEncoder, Collator, PhoneDataModule, model_inputs
 from autoglm_distill.models import count_parameters
@@ -22,7 +24,7 @@ from autoglm_distill.utils import rank_zero_logger, write_json_atomic
 log = rank_zero_logger(__name__)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -33,6 +35,31 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
+def generate_batch(
+    model: PreTrainedModel, encoder: ChatEncoder, chats: list[list[dict]], root: Path, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers of ``model`` to one batch of chats (each ending in the turn to answer; left-padded, KV cache)."""
+    tokenizer = encoder.tokenizer
+    prompts, images = [], []
+    for messages in chats:
+        ids, paths = encoder.encode_prompt(messages, root)
+        prompts.append(ids)
+        images += paths
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if images:
+        inputs.update(encoder.pixels(images, root))
+        inputs["mm_token_type_ids"] = (input_ids == encoder.image_token_id).long()
+    device = next(model.parameters()).device
+    out = model.generate(
+        **{k: v.to(device) for k, v in inputs.items()},
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+
 def generate_answers(
     model: PreTrainedModel,
     encoder: ChatEncoder,
@@ -42,28 +69,12 @@ def generate_answers(
     max_new_tokens: int = 64,
     desc: str = "generating",
 ) -> list[str]:
-    """Greedy answers of ``model`` to every prompt of ``split`` (left-padded batches, KV cache)."""
+    """Greedy answers of ``model`` to every prompt of ``split``, ``batch_size`` at a time."""
     model.eval()
-    device = next(model.parameters()).device
-    tokenizer = encoder.tokenizer
     answers: list[str] = []
     for start in track(range(0, len(split), batch_size), description=desc, transient=True):
-        rows = split[start : start + batch_size]
-        prompts, images = [], []
-        for messages in rows["messages"]:
-            ids, paths = encoder.encode_prompt(json.loads(messages), root)
-            prompts.append(ids)
-            images += paths
-        input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if images:
-            inputs.update(encoder.pixels(images, root))
-            inputs["mm_token_type_ids"] = (input_ids == encoder.image_token_id).long()
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        answers += tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        chats = [json.loads(m) for m in split[start : start + batch_size]["messages"]]
+        answers += generate_batch(model, encoder, chats, root, max_new_tokens)
     return answers
 
 
@@ -120,9 +131,13 @@ def evaluate_models(
     limit: int | None = None,
     batch_size: int = 32,
     max_new_tokens: int = 64,
+    closed_loop: bool = False,
 ) -> dict[str, dict]:
     """Greedy-generation action metrics and teacher-forced metrics for every model on every split; each model's
-    answers are written to ``<out_dir>/predictions/<model>_<split>.json``."""
+    answers are written to ``<out_dir>/predictions/<model>_<split>.json``. With ``closed_loop``, also each split's
+    episodes played on the synthetic phone (`autoglm_distill.environment`): ``closed_loop_success``,
+    ``closed_loop_progress``."""
+
     results: dict[str, dict] = {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = datamodule.encoder
@@ -139,6 +154,11 @@ def evaluate_models(
             metrics = score_answers(answers, data)
             reference = None if name == "teacher" or teacher is None else teacher.to(device)
             metrics.update(teacher_forced(model, reference, encoder, data, datamodule.root, batch_size))
+            if closed_loop:
+                episodes = environment.read_episodes(datamodule.root, split)
+                answer = partial(generate_batch, model, encoder, root=datamodule.root, max_new_tokens=max_new_tokens)
+                played = environment.closed_loop(answer, episodes, datamodule.episode_format, batch_size)
+                metrics.update(closed_loop_success=played["episode_success"], closed_loop_progress=played["progress"])
             results[name][split] = metrics
             write_json_atomic(
                 out_dir / "predictions" / f"{name}_{split}.json",
@@ -160,14 +180,22 @@ TABLE_COLUMNS = [
     "top1_agreement",
     "ce",
 ]
+CLOSED_LOOP_COLUMNS = ["closed_loop_success", "closed_loop_progress"]  # shown when measured (eval.closed_loop)
+
+
+def table_columns(results: dict[str, dict], split: str) -> list[str]:
+    """TABLE_COLUMNS, then the closed-loop ones when any model has them on ``split``."""
+    measured = [c for c in CLOSED_LOOP_COLUMNS if any(c in r.get(split, {}) for r in results.values())]
+    return TABLE_COLUMNS + measured
 
 
 def eval_rows(results: dict[str, dict], split: str) -> list[list[str]]:
-    """One row of formatted cells per model: name, then TABLE_COLUMNS."""
+    """One row of formatted cells per model: name, then `table_columns`."""
     rows = []
     for name, r in results.items():
         m = r.get(split, {})
-        rows.append([name, f"{r['params']:,}"] + [f"{m[c]:.3f}" if c in m else "-" for c in TABLE_COLUMNS[1:]])
+        cells = [f"{m[c]:.3f}" if c in m else "-" for c in table_columns(results, split)[1:]]
+        rows.append([name, f"{r['params']:,}", *cells])
     return rows
 
 
@@ -177,13 +205,14 @@ def report_tables(results: dict[str, dict], splits: Sequence[str], out_dir: Path
     for split in splits:
         table = Table(title=f"autoglm_distill: {split} split")
         table.add_column("model")
-        for c in TABLE_COLUMNS:
+        columns = table_columns(results, split)
+        for c in columns:
             table.add_column(c, justify="right")
         rows = eval_rows(results, split)
         for row in rows:
             table.add_row(*row)
         Console(width=140).print(table)
-        header = ["model", *TABLE_COLUMNS]
+        header = ["model", *columns]
         markdown += [f"**{split} split**", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         markdown += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     (out_dir / "results.md").write_text("\n".join(markdown))

@@ -149,8 +149,9 @@ def run(cfg: DictConfig) -> dict:
         # 6. evaluate
         e = cfg.eval
         summary["eval"] = evaluate_models(
-            models, teacher, datamodule, list(e.splits), out_dir, e.limit, e.batch_size, e.max_new_tokens
-        )
+            models, teacher, datamodule, list(e.splits), out_dir, e.limit, e.batch_size, e.max_new_tokens,
+            e.closed_loop,
+        )  # fmt: skip
         report_tables(summary["eval"], list(e.splits), out_dir)
 
         # 7. export

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from autoglm_distill.evaluate import TABLE_COLUMNS
+from autoglm_distill.evaluate import CLOSED_LOOP_COLUMNS, TABLE_COLUMNS
 from autoglm_distill.utils import masked_argv, redact, write_json_atomic
 
 
@@ -58,13 +58,14 @@ def finish_wandb(summary: dict) -> None:
             if isinstance(metrics, dict):
                 wandb.run.summary.update({f"{split}/{name}/{k}": v for k, v in metrics.items()})
     if evals:
+        columns = TABLE_COLUMNS + CLOSED_LOOP_COLUMNS  # None where not measured
         rows = [
-            [name, split, result["params"], *(m.get(c) for c in TABLE_COLUMNS[1:])]
+            [name, split, result["params"], *(m.get(c) for c in columns[1:])]
             for name, result in evals.items()
             for split, m in result.items()
             if isinstance(m, dict)
         ]
-        wandb.log({"eval/table": wandb.Table(columns=["model", "split", *TABLE_COLUMNS], data=rows)})
+        wandb.log({"eval/table": wandb.Table(columns=["model", "split", *columns], data=rows)})
     export = summary.get("export")
     if export:
         columns = list(export["artifacts"][0])
