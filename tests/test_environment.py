@@ -8,8 +8,10 @@ import pytest
 
 from autoglm_distill.data.episodes import EpisodeFormat, answer_text, step_chats
 from autoglm_distill.environment import ReplayPhone, closed_loop, read_episodes
+from autoglm_distill.play import play
+from autoglm_distill.validate import ConfigError
 
-from .conftest import main_in_process, read_summary, reuse_teacher
+from .conftest import compose_config, main_in_process, read_summary, reuse_teacher
 
 FMT = EpisodeFormat(history_steps=None, elements_in_text=True)
 
@@ -104,3 +106,18 @@ def test_run_reports_closed_loop_columns(smoke_run, tmp_path, monkeypatch):
         test = evals[name]["test"]
         assert 0.0 <= test["closed_loop_success"] <= test["closed_loop_progress"] <= 1.0
     assert "closed_loop_success | closed_loop_progress |" in (tmp_path / "results.md").read_text()
+
+
+def test_play_a_saved_student_on_the_synthetic_phone(smoke_run, tmp_path):
+    cfg = compose_config(["recipe=smoke", *reuse_teacher(smoke_run), f"play.model={smoke_run / 'student'}"], tmp_path)
+    results = play(cfg)
+    written = json.loads((tmp_path / "closed_loop.json").read_text())
+    assert written["splits"] == results and list(results) == ["test"]
+    assert results["test"]["episodes"] == len(read_episodes(smoke_run / "data", "test"))
+    assert results["test"]["actions_per_episode"] >= 1
+
+
+def test_play_needs_a_model_folder(smoke_run, tmp_path):
+    cfg = compose_config(["recipe=smoke", *reuse_teacher(smoke_run), f"play.model={tmp_path}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"is not a saved model folder(.|\n)*play.model=<run dir>/student"):
+        play(cfg)
