@@ -114,22 +114,23 @@ class DistillModule(pl.LightningModule):
         hidden = self.student.model(**inputs).last_hidden_state[:, :-1]
         return loss.from_hidden(hidden, head.weight, labels, teacher), teacher
 
-    def _sampled_step(self, batch: dict[str, torch.Tensor]) -> DistillationLossOutput:
-        """A step whose answers the student or teacher samples (`autoglm_distill.on_policy`), with its metrics."""
+    def _sampled_step(self, batch: dict[str, torch.Tensor]) -> tuple[DistillationLossOutput, str]:
+        """A step whose answers the student or teacher may sample (`autoglm_distill.on_policy`), with its metrics;
+        returns the loss and who wrote the answers."""
         source = self.on_policy.source(self.global_step)
         self.log("train/on_policy_share", float(source == "student"), on_step=False, on_epoch=True, sync_dist=True)
         if source == "data":
-            return self._forward(batch)[0]
+            return self._forward(batch)[0], source
         writer = self.student if source == "student" else self.teacher
         batch, lengths = rollout(writer, batch, self.on_policy)
         out, teacher = self._forward(batch, self.sample_loss if source == "student" else self.loss)
         self.log(f"train/{source}_sample_len", lengths.mean(), sync_dist=True)
         if source == "student":
             self.log("train/teacher_logp_of_student", target_logprob(teacher, batch["labels"][:, 1:]), sync_dist=True)
-        return out
+        return out, source
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self._forward(batch)[0] if self.on_policy is None else self._sampled_step(batch)
+        out, source = (self._forward(batch)[0], "data") if self.on_policy is None else self._sampled_step(batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"Non-finite training loss ({out.loss.item()}) at step {self.global_step}: lower optimizer.lr, "
@@ -138,7 +139,8 @@ class DistillModule(pl.LightningModule):
             )
         # Averaged over the processes under DDP/FSDP/DeepSpeed (each rank's loss is over its own batch).
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
-        self.log("train/ce", out.ce, sync_dist=True)
+        if source != "student":  # a sampled token has no reference to score against
+            self.log("train/ce", out.ce, sync_dist=True)
         if self.has_teacher:
             self.log("train/kd", out.kd, sync_dist=True)
         return out.loss

@@ -1,4 +1,6 @@
 """KD variants against the hard-label baseline over seeds: one table from one or more ``--multirun`` sweep folders.
+Variants include on-policy distillation (``distill.on_policy``) and, where measured, closed-loop episodes on the
+synthetic phone (``eval.closed_loop=true`` in the sweep, or ``python -m autoglm_distill.play`` into each run folder).
 
     python -m autoglm_distill recipe=demo_seeds teacher=pretrained teacher.path=<run>/teacher --multirun
     python benchmarks/kd_seeds.py multirun/demo_seeds/<date_time> [more sweeps] --out benchmarks/results/kd_seeds.json
@@ -27,13 +29,32 @@ from autoglm_distill.sweep_report import dig, read_runs  # noqa: E402
 
 
 def variant_of(config: dict) -> str:
-    """A readable name for a run's settings (its loss, and whether its data came from label_with_teacher)."""
+    """A readable name for a run's settings: its loss, whether its data came from label_with_teacher, and who wrote
+    the training answers (distill.on_policy)."""
     alpha, temperature = float(config["distill"]["loss"]["alpha"]), float(config["distill"]["loss"]["temperature"])
     labelled = (Path(config["data"]["path"]) / META_FILE).is_file()
     data = " on teacher-labelled data" if labelled else ""
     if alpha == 0:
         return ("sequence-level KD (hard labels" + data + ")") if labelled else "baseline (hard labels)"
-    return f"KD T={temperature:g} alpha={alpha:g}{data}"
+    on_policy = config["distill"].get("on_policy") or {}
+    writers = []
+    if float(on_policy.get("lmbda", 0)) > 0:
+        writers.append(f"on-policy lmbda={float(on_policy['lmbda']):g}")
+    if on_policy.get("seq_kd"):
+        writers.append("teacher samples (seq_kd)")
+    return f"KD T={temperature:g} alpha={alpha:g}{data}" + (", " + " + ".join(writers) if writers else "")
+
+
+def closed_loop_of(run_dir: Path, metrics: dict) -> dict:
+    """Closed-loop success and progress on the test split: from the run's eval (eval.closed_loop=true), else from a
+    ``closed_loop.json`` that ``python -m autoglm_distill.play`` wrote into the run folder; {} when neither."""
+    if "closed_loop_success" in metrics:
+        return {"closed_loop_success": metrics["closed_loop_success"], "progress": metrics["closed_loop_progress"]}
+    played = run_dir / "closed_loop.json"
+    if played.is_file():
+        test = json.loads(played.read_text())["splits"]["test"]
+        return {"closed_loop_success": test["episode_success"], "progress": test["progress"]}
+    return {}
 
 
 def collect(sweeps: list[Path]) -> dict[str, dict[int, dict]]:
@@ -52,7 +73,7 @@ def collect(sweeps: list[Path]) -> dict[str, dict[int, dict]]:
                 "episode_success": metrics["episode_success"],
                 "n": dig(summary, ("data", "examples", "test")),
                 "run": str(sweep / str(run["job"])),
-            }
+            } | closed_loop_of(sweep / str(run["job"]), metrics)
     return table
 
 
@@ -74,6 +95,10 @@ def report(table: dict[str, dict[int, dict]]) -> dict:
             "step_success_sd": statistics.stdev(steps) if len(steps) > 1 else 0.0,
             "episode_success": [runs[s]["episode_success"] for s in seeds],
         }
+        if all("progress" in runs[s] for s in seeds):
+            row["closed_loop_success"] = [runs[s]["closed_loop_success"] for s in seeds]
+            row["closed_loop_progress"] = [runs[s]["progress"] for s in seeds]
+            row["closed_loop_progress_mean"] = statistics.mean(row["closed_loop_progress"])
         if variant != "baseline (hard labels)" and baseline:
             gains, ses = [], []
             for s in seeds:
@@ -91,9 +116,12 @@ def report(table: dict[str, dict[int, dict]]) -> dict:
 
 
 def print_table(result: dict) -> None:
-    header = "| variant | step success per seed | mean +- sd | gain over baseline per seed (SE) | > SE every seed |"
+    header = (
+        "| variant | step success per seed | mean +- sd | gain over baseline per seed (SE) | > SE every seed "
+        "| closed-loop progress per seed (mean) | closed-loop episode success per seed |"
+    )
     print(header)
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         per_seed = " / ".join(f"{v:.3f}" for v in r["step_success"])
         gains = " / ".join(
@@ -101,7 +129,12 @@ def print_table(result: dict) -> None:
         )
         beats = {True: "yes", False: "no"}.get(r.get("beats_baseline_by_more_than_se_on_every_seed"), "-")
         mean = f"{r['step_success_mean']:.3f} +- {r['step_success_sd']:.3f}"
-        print(f"| {r['variant']} | {per_seed} | {mean} | {gains or '-'} | {beats} |")
+        progress, success = "-", "-"
+        if "closed_loop_progress" in r:
+            progress = " / ".join(f"{v:.3f}" for v in r["closed_loop_progress"])
+            progress += f" ({r['closed_loop_progress_mean']:.3f})"
+            success = " / ".join(f"{v:.3f}" for v in r["closed_loop_success"])
+        print(f"| {r['variant']} | {per_seed} | {mean} | {gains or '-'} | {beats} | {progress} | {success} |")
 
 
 def main() -> None:

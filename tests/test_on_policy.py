@@ -221,6 +221,8 @@ def test_on_policy_run_from_one_override_on_the_smoke_recipe(smoke_run, tmp_path
     lengths = [float(v) for v in logged(tmp_path, "train/student_sample_len").values()]
     assert len(lengths) == 4 and all(1 <= n <= 64 for n in lengths)
     assert all(float(v) < 0 for v in logged(tmp_path, "train/teacher_logp_of_student").values())
+    assert not logged(tmp_path, "train/ce")  # no reference answer on a sampled batch, so no hard-label CE
+    assert len(logged(tmp_path, "train/kd")) == 4
     assert read_summary(tmp_path)["stages"]["distill"]["steps"] == 4
 
 
