@@ -113,6 +113,14 @@ def cross_field_problems(cfg: DictConfig) -> list[str]:
             "tokens it never saw: use distill.teacher=model, or distill.on_policy.lmbda=0 "
             "distill.on_policy.seq_kd=false."
         )
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if (on_policy.lmbda > 0 or on_policy.seq_kd) and ("FSDP" in target or "DeepSpeed" in target):
+        problems.append(
+            "distill.on_policy samples with generate, which needs the whole model on each GPU; under sharded "
+            f"strategies ({target.rsplit('.', 1)[-1]}) that is not built or tested yet: use trainer=ddp, or "
+            "distill.on_policy.lmbda=0 distill.on_policy.seq_kd=false."
+        )
     callbacks = {name for name, cb in (cfg.get("callbacks") or {}).items() if "_target_" in cb}  # selected ones
     if "sparsity" in callbacks and callbacks & {"prune_structured", "qat"}:
         problems.append(

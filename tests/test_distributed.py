@@ -165,13 +165,3 @@ def test_ddp_on_policy_run_samples_on_both_ranks(tmp_path):
     assert student_steps and teacher_steps and sorted(student_steps | teacher_steps) == [0, 1, 2, 3]
     share = [float(v) for v in logged(tmp_path, "train/on_policy_share").values()]
     assert share == [pytest.approx(len(student_steps) / 4)]
-
-
-@pytest.mark.gpu
-def test_fsdp_on_policy_smoke_run_on_one_gpu(tmp_path):
-    proc = run_cli(
-        ["recipe=smoke", "trainer=fsdp", "trainer.devices=1", "distill.on_policy.lmbda=1", f"hydra.run.dir={tmp_path}"],
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert read_summary(tmp_path)["stages"]["distill"]["steps"] == 4

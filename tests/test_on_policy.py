@@ -230,6 +230,10 @@ def test_config_errors_name_the_fix(tmp_path):
     cfg = compose_config(["distill.teacher=cache", "distill.on_policy.lmbda=0.5"], tmp_path)
     with pytest.raises(ConfigError, match=r"a cache cannot score(.|\n)*distill.teacher=model"):
         validate(cfg)
+    for trainer in ("fsdp", "deepspeed"):
+        cfg = compose_config([f"trainer={trainer}", "distill.on_policy.seq_kd=true"], tmp_path)
+        with pytest.raises(ConfigError, match=r"needs the whole model on each GPU(.|\n)*use trainer=ddp"):
+            validate(cfg)
     cfg = compose_config(["distill.on_policy.lmbda=2", "distill.on_policy.max_new_tokens=0"], tmp_path)
     with pytest.raises(ConfigError, match=r"distill.on_policy: .*lmbda=2: use a probability.*max_new_tokens=0"):
         validate(cfg)
