@@ -18,24 +18,19 @@ from autoglm_distill.strategies import DistillFSDPStrategy
 from .conftest import compose_config, logged, read_summary, run_cli
 
 
+def run_ddp(run_dir: Path, *overrides: str) -> None:
+    """The smoke recipe on 2 CPU processes (gloo), CSV logs, no baseline."""
+    args = ["recipe=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv"]
+    args += ["baseline=false", *overrides, f"hydra.run.dir={run_dir}"]
+    # The child processes import tests.helpers from the repository root.
+    proc = run_cli(args, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, Path]:
     run_dir, probe = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("probe")
-    proc = run_cli(
-        [
-            "recipe=smoke",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "logger=csv",
-            "baseline=false",
-            "+callbacks.probe._target_=tests.helpers.RankProbe",
-            f"+callbacks.probe.out={probe}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=Path(__file__).resolve().parents[1],  # the child processes import tests.helpers from here
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp(run_dir, "+callbacks.probe._target_=tests.helpers.RankProbe", f"+callbacks.probe.out={probe}")
     return run_dir, probe
 
 
@@ -141,22 +136,7 @@ def test_fsdp_smoke_run_on_one_gpu(tmp_path):
 def test_ddp_on_policy_run_samples_on_both_ranks(tmp_path):
     """distill.on_policy under DDP: every rank draws the same source each step (no rank waits on a generate the
     other skipped) and samples its own share of the batch; the logged metrics are the two ranks' mean."""
-    proc = run_cli(
-        [
-            "recipe=smoke",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "logger=csv",
-            "baseline=false",
-            "eval.teacher=false",
-            "distill.on_policy.lmbda=0.5",
-            "distill.on_policy.seq_kd=true",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp(tmp_path, "eval.teacher=false", "distill.on_policy.lmbda=0.5", "distill.on_policy.seq_kd=true")
     summary = read_summary(tmp_path)
     assert summary["stages"]["distill"]["world_size"] == 2 and summary["stages"]["distill"]["steps"] == 4
     student_steps = logged(tmp_path, "train/student_sample_len")
