@@ -8,7 +8,8 @@ Per training batch, drawn reproducibly from ``(seed, step)`` so that every DDP r
   (``distill.loss.kind`` at ``distill.loss.temperature``) on the student's tokens, since they have no reference;
 * otherwise, with ``seq_kd``, the teacher samples the answers and the configured loss (divergence and hard labels)
   trains on them, as in sequence-level KD;
-* otherwise the batch is the data's, as in off-policy KD. ``lmbda=0`` and ``seq_kd=false`` is exactly that.
+* otherwise the batch is the data's, as in off-policy KD. ``lmbda=0`` and ``seq_kd=false`` is exactly that, and so
+  is every step before ``start_step``.
 
 Episodes: each step of an episode is its own chat whose earlier turns are the recorded ones, so the student's action
 at step t is scored in the episode's teacher-forced history; the next screenshot cannot follow the student's action
@@ -45,6 +46,8 @@ class OnPolicy:
         eos_token_id: the id that ends an answer (the one the data's answers end with).
         seed: with the step, decides each batch's source.
         suppressed_ids: token ids never sampled (the tokenizer's image and video placeholders).
+        start_step: steps trained on the data's answers before any sampling (a student that still writes noise
+            learns little from scoring it).
     """
 
     lmbda: float
@@ -55,6 +58,7 @@ class OnPolicy:
     eos_token_id: int
     seed: int = 0
     suppressed_ids: tuple[int, ...] = ()
+    start_step: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +68,8 @@ class OnPolicy:
             problems.append(f"distill.on_policy.temperature={self.temperature}: use >= 0 (0 is greedy).")
         if not self.max_new_tokens >= 1:
             problems.append(f"distill.on_policy.max_new_tokens={self.max_new_tokens}: use >= 1.")
+        if not self.start_step >= 0:
+            problems.append(f"distill.on_policy.start_step={self.start_step}: use a step >= 0.")
         if problems:
             raise ValueError(" ".join(problems))
 
@@ -73,6 +79,8 @@ class OnPolicy:
 
     def source(self, step: int) -> str:
         """``student``, ``teacher`` or ``data``: who writes the answers of training step ``step``."""
+        if step < self.start_step:
+            return "data"
         if self.lmbda > 0 and random.Random(self.seed * 1_000_003 + step).random() < self.lmbda:
             return "student"
         return "teacher" if self.seq_kd else "data"
@@ -88,6 +96,7 @@ def from_config(on_policy_cfg, tokenizer, seed: int) -> OnPolicy | None:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         seed=seed,
+        start_step=int(on_policy_cfg.start_step),
         suppressed_ids=tuple(tokenizer.convert_tokens_to_ids(t) for t in MEDIA_TOKENS if t in tokenizer.get_vocab()),
     )
     return settings if settings.active else None

@@ -53,7 +53,7 @@ def component_problems(cfg: DictConfig) -> list[str]:
     p = cfg.distill.on_policy
     problems += _built(
         "distill.on_policy",
-        lambda: OnPolicy(p.lmbda, p.seq_kd, p.temperature, p.max_new_tokens, pad_token_id=0, eos_token_id=0),
+        lambda: OnPolicy(p.lmbda, p.seq_kd, p.temperature, p.max_new_tokens, 0, 0, start_step=p.start_step),
     )
     export = cfg.get("export")
     if export is not None and export.enabled:

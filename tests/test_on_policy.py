@@ -66,7 +66,9 @@ def test_lmbda_zero_trains_exactly_as_off_policy_kd(tokenizer, data_dir, tmp_pat
     for key, value in off.items():
         assert torch.equal(value, zero[key]), key
     assert "train/on_policy_share" not in metrics  # nothing sampled, nothing logged
-    off_cfg = OmegaConf.create({"lmbda": 0.0, "seq_kd": False, "temperature": 1.0, "max_new_tokens": 12})
+    off_cfg = OmegaConf.create(
+        {"lmbda": 0.0, "seq_kd": False, "temperature": 1.0, "max_new_tokens": 12, "start_step": 0}
+    )
     assert from_config(off_cfg, tokenizer, seed=0) is None  # what run.py hands the module: the off-policy path
     on = from_config(OmegaConf.merge(off_cfg, {"lmbda": 0.5}), tokenizer, seed=0)
     assert on.suppressed_ids == settings(tokenizer).suppressed_ids and on.eos_token_id == tokenizer.eos_token_id
@@ -148,6 +150,8 @@ def test_sources_are_reproducible_and_near_lmbda(tokenizer):
     assert 0.45 < sources.count("student") / 2000 < 0.55
     assert set(sources) == {"student", "data"}
     assert {settings(tokenizer, lmbda=0.0, seq_kd=True).source(s) for s in range(50)} == {"teacher"}
+    late = OnPolicy(1.0, False, 1.0, 8, 0, 1, start_step=30)
+    assert [late.source(s) for s in (0, 29, 30, 31)] == ["data", "data", "student", "student"]
 
 
 def test_on_policy_refuses_a_run_without_a_live_teacher(tokenizer):
@@ -167,10 +171,11 @@ def test_on_policy_refuses_a_run_without_a_live_teacher(tokenizer):
         ({"lmbda": 1.5}, "lmbda=1.5: use a probability"),
         ({"temperature": -1.0}, "temperature=-1.0: use >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens=0: use >= 1"),
+        ({"start_step": -1}, "start_step=-1: use a step >= 0"),
     ],
 )
 def test_bad_settings_name_the_key(fields, message):
-    values = {"lmbda": 0.5, "seq_kd": False, "temperature": 1.0, "max_new_tokens": 8} | fields
+    values = {"lmbda": 0.5, "seq_kd": False, "temperature": 1.0, "max_new_tokens": 8, "start_step": 0} | fields
     with pytest.raises(ValueError, match=message):
         OnPolicy(**values, pad_token_id=0, eos_token_id=1)
 
