@@ -11,6 +11,12 @@ temperature, optimizer (AdamW, lr 1e-4, no weight decay), gradient clipping (1.0
   ``benchmarks/trl_gkd_step.py`` with TRL's own environment (``bash benchmarks/trl_env.sh``, ``.venv-trl``); TRL is
   never a dependency of the project. Skipped, and said so, when that environment is missing.
 
+With ``--lmbda`` > 0 both sides are on-policy (GKD): with that probability per step the student samples
+``--max-new-tokens`` tokens per prompt (random weights never sample the end token, so every answer is that long on
+both sides) at ``--temperature`` with its KV cache, and the forward KL trains on them. TRL draws its coin per step
+from Python's ``random``, this project from the seed and the step, so at lmbda < 1 the two sample on different
+steps; compare at ``--lmbda 1``. Supervised tokens per second then count the sampled tokens.
+
 Every run is a fresh process; the variants alternate in rotating order, ``--reps`` times, and medians are reported.
 A step is timed from batch start to batch end (forward, loss, backward, clipping, optimizer); the first step is
 warm-up. Peak memory is the process's peak resident set minus its resident set once both models are loaded.
@@ -96,26 +102,35 @@ def ours(args, chunk_size) -> dict:
     from autoglm_distill.losses import DistillationLoss
     from autoglm_distill.models import freeze
     from autoglm_distill.module import DistillModule
+    from autoglm_distill.on_policy import OnPolicy
 
     class StepTimer(pl.Callback):
         def __init__(self):
             self.seconds, self.tokens = [], []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.seconds.append(time.perf_counter() - self._start)
+            # The tokens trained on: the student's samples on an on-policy step (the optimizer step just taken),
+            # else the data's answers.
+            if module.on_policy is not None and module.on_policy.source(trainer.global_step - 1) == "student":
+                mean_length = float(trainer.callback_metrics["train/student_sample_len"])
+                self.tokens.append(round(mean_length * len(batch["labels"])))
+            else:
+                self.tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
 
     pl.seed_everything(42, verbose=False)
     teacher = freeze(AutoModelForCausalLM.from_pretrained(args.work / "teacher"))
     student = AutoModelForCausalLM.from_pretrained(args.work / "student")
     rss_after_load = _status_mb("VmRSS")
     loss = DistillationLoss(kind="forward_kl", temperature=args.temperature, alpha=1.0, chunk_size=chunk_size)
+    on_policy = OnPolicy(args.lmbda, False, args.temperature, args.max_new_tokens, pad_token_id=0, eos_token_id=1)
     module = DistillModule(
-        student, loss, functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0), None, teacher
-    )
+        student, loss, functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0), None, teacher,
+        on_policy=on_policy,
+    )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         torch.load(args.work / "data.pt"), batch_size=args.batch_size, collate_fn=collate
     )
@@ -138,7 +153,8 @@ def ours(args, chunk_size) -> dict:
 
 def _spawn(args, variant: str) -> dict:
     out = args.work / f"{variant}.json"
-    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--temperature", str(args.temperature)]
+    common = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--temperature", str(args.temperature),
+              "--lmbda", str(args.lmbda), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
     if variant == "trl":
         command = [
             str(TRL_PYTHON), str(ROOT / "benchmarks" / "trl_gkd_step.py"), "--teacher", str(args.work / "teacher"),
@@ -168,6 +184,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run, the first is warm-up")
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--lmbda", type=float, default=0.0, help="on-policy share (GKD); 0: fixed completions")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="sampled tokens per prompt when on-policy")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "kd_step")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kd_step.json")
@@ -203,8 +221,8 @@ def main() -> None:
             "runs": measured,
         }
     reference = rows.get("trl", {}).get("tokens_per_second")
-    table = Table(title=f"KD training step, V={args.vocab:,}, CPU fp32, {torch.get_num_threads()} threads "
-                        f"(median of {args.reps}, alternating)")  # fmt: skip
+    table = Table(title=f"KD training step, lmbda={args.lmbda:g}, V={args.vocab:,}, CPU fp32, "
+                        f"{torch.get_num_threads()} threads (median of {args.reps}, alternating)")  # fmt: skip
     for col in ("variant", "supervised tokens/s", "s/step", "peak MB above the models", "speed vs TRL GKD"):
         table.add_column(col, justify="right")
     for variant, r in rows.items():

@@ -167,6 +167,7 @@ class BenchmarkGKDTrainer(GKDTrainer):
         super().__init__(*args, **kwargs)
         self.loss_temperature = loss_temperature
         self.step_supervised_tokens: list[int] = []
+        self.loss_tokens: list[int] = []
         self.step_losses: list[torch.Tensor] = []
 
     def generalized_jsd_loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # shadows TRL's staticmethod
@@ -180,6 +181,11 @@ class BenchmarkGKDTrainer(GKDTrainer):
             sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
         )
         return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """Records the supervised tokens the loss is taken on: on an on-policy step, the student's samples."""
+        self.loss_tokens.append(int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(*args, **kwargs)
@@ -215,6 +221,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    parser.add_argument("--lmbda", type=float, default=0.0, help="GKD's on-policy share (student samples)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="sampled tokens per prompt when on-policy")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
@@ -250,8 +258,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trl_gkd_step_") as output_dir:  # nothing is saved; Trainer wants one
         config = GKDConfig(
             output_dir=output_dir,
-            # Supervised KD on the dataset's completions, forward KL at the given temperature.
-            lmbda=0.0,
+            # Forward KL at the given temperature, on the dataset's completions (lmbda=0) or, with probability
+            # lmbda per step, on completions the student samples at that temperature.
+            lmbda=args.lmbda,
+            max_new_tokens=args.max_new_tokens,
             seq_kd=False,
             beta=0.0,
             temperature=args.temperature,
@@ -307,7 +317,8 @@ def main() -> None:
             f"{len(trainer.step_supervised_tokens)} batches."
         )
     step_seconds = timer.seconds
-    supervised = trainer.step_supervised_tokens[: args.steps]
+    # On-policy, the loss is on the sampled tokens, known only once the student has written them.
+    supervised = (trainer.loss_tokens if args.lmbda > 0 else trainer.step_supervised_tokens)[: args.steps]
     measured = slice(WARMUP_STEPS, None)
     results = {
         "framework": "trl.experimental.gkd.GKDTrainer",
@@ -321,7 +332,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "temperature": args.temperature,
         "temperature_in_loss": args.temperature if not args.stock_loss else 1.0,
-        "loss": "forward KL(teacher||student) per supervised token (GKD beta=0, lmbda=0), no T**2, no CE",
+        "lmbda": args.lmbda,
+        "max_new_tokens": args.max_new_tokens,
+        "loss": "forward KL(teacher||student) per supervised token (GKD beta=0), no T**2, no CE",
         "lr": args.lr,
         "seed": args.seed,
         "torch_threads": torch.get_num_threads(),
