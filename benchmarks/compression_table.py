@@ -128,9 +128,11 @@ def main() -> None:
             "pytorch": s["eval"]["student"]["test"],
         }
         for fmt in ("onnx", "tflite"):
+            row[f"{fmt}_int8_bytes"] = next(
+                s["bytes"] for s in manifest["sizes"] if s["format"] == fmt and s["precision"] == "int8"
+            )
             for a in manifest["artifacts"]:
                 if a["format"] == fmt and a["precision"] == "int8":
-                    row[f"{fmt}_int8_bytes"] = row.get(f"{fmt}_int8_bytes", 0) + a["bytes"]
                     row[f"{fmt}_int8_export_decode_ms"] = a["cpu_latency_ms"]["decode_ms_median"]
                     row[f"{fmt}_int8_parity_passed"] = a["parity"]["passed"]
             row[f"{fmt}_int8"] = artifact_accuracy(args.work / "export" / name, fmt, "int8", records, split, reference)

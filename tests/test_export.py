@@ -171,9 +171,7 @@ def test_coreml_structural_check_catches_a_weight_that_differs(exported, model, 
 @pytest.mark.slow
 def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
     _, manifest = exported
-    size = {}
-    for a in manifest["artifacts"]:
-        size[(a["format"], a["precision"])] = size.get((a["format"], a["precision"]), 0) + a["bytes"]
+    size = {(s["format"], s["precision"]): s["bytes"] for s in manifest["sizes"]}
     # On a student this tiny fixed constants (rotary tables, graph structure) are a large part of each file; the 4x
     # of the weights is checked on a wider student below.
     for fmt, full in (("onnx", "fp32"), ("tflite", "fp32"), ("coreml", "fp16")):
@@ -206,9 +204,7 @@ def test_int8_is_well_under_half_of_fp32_on_a_wider_student(tokenizer, tmp_path)
         bars=Bars(int8_min_top1_agreement=0.0),
     )
     manifest = export_student(wide, tokenizer, tmp_path / "wide", settings, golden=[[1, 2, 3]])
-    size = {}
-    for a in manifest["artifacts"]:
-        size[(a["format"], a["precision"])] = size.get((a["format"], a["precision"]), 0) + a["bytes"]
+    size = {(s["format"], s["precision"]): s["bytes"] for s in manifest["sizes"]}
     assert size[("onnx", "int8")] < 0.4 * size[("onnx", "fp32")]
     assert size[("tflite", "int8")] < 0.4 * size[("tflite", "fp32")]
 
@@ -221,8 +217,9 @@ def test_manifest_files_hashes_and_io_spec(exported, model):
     assert manifest["model"]["eos_token_ids"] and "[gMASK]" in manifest["model"]["special_tokens"]
     cache = [2, TINY_TEXT["num_key_value_heads"], MAX_CONTEXT, 16]
     for artifact in manifest["artifacts"]:
-        path = out / artifact["file"]
-        assert artifact["bytes"] == exporter._bytes(path) and artifact["sha256"] == sha256_of(path)
+        for entry in (artifact, artifact.get("weights") or artifact):
+            path = out / entry["file"]
+            assert entry["bytes"] == exporter._bytes(path) and entry["sha256"] == sha256_of(path)
         assert artifact["converter"]["torch"] == torch.__version__
         for graph, io in artifact["signatures"].items():
             spec = {v["name"]: v["shape"] for v in io["inputs"] + io["outputs"]}
@@ -240,6 +237,41 @@ def test_manifest_files_hashes_and_io_spec(exported, model):
     assert "| tflite | int8 |" in report and "report.png" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir() if p.name != out.name] == []  # no temp folder left
+
+
+@pytest.mark.slow
+def test_onnx_graphs_of_a_precision_share_one_weight_file_holding_each_tensor_once(exported):
+    import hashlib
+
+    import onnx as onnx_lib
+
+    out, manifest = exported
+    for precision in onnx.PRECISIONS:
+        graphs = [a for a in manifest["artifacts"] if a["format"] == "onnx" and a["precision"] == precision]
+        assert [a["graphs"] for a in graphs] == [["prefill"], ["decode"]]
+        (weights,) = {json.dumps(a["weights"], sort_keys=True) for a in graphs}  # one file, the same for both
+        weights = json.loads(weights)
+        blob = (out / weights["file"]).read_bytes()
+        places, contents = set(), {}
+        for artifact in graphs:
+            proto = onnx_lib.load(str(out / artifact["file"]), load_external_data=False)
+            external = [t for t in proto.graph.initializer if t.data_location == onnx_lib.TensorProto.EXTERNAL]
+            assert all(len(t.raw_data) < onnx.SHARED_MIN_BYTES for t in proto.graph.initializer if t not in external)
+            for tensor in external:
+                info = {e.key: e.value for e in tensor.external_data}
+                assert info["location"] == Path(weights["file"]).name
+                places.add((int(info["offset"]), int(info["length"])))
+        for offset, length in places:
+            digest = hashlib.sha256(blob[offset : offset + length]).digest()
+            assert digest not in contents, f"the same weights stored twice ({precision})"
+            contents[digest] = length
+        # Every stored byte is used, and both graphs read most of their weights from the same places.
+        assert weights["stored_bytes"] == sum(contents.values()) <= len(blob)
+        assert weights["stored_bytes"] < 0.6 * weights["referenced_bytes"]
+    sizes = {(s["format"], s["precision"]): s for s in manifest["sizes"]}
+    files = sizes[("onnx", "fp32")]["files"]
+    assert sorted(files) == ["onnx/decode.fp32.onnx", "onnx/prefill.fp32.onnx", "onnx/weights.fp32.bin"]
+    assert sizes[("onnx", "fp32")]["bytes"] == sum(exporter._bytes(out / f) for f in files)
 
 
 @pytest.mark.slow
@@ -293,6 +325,10 @@ def test_reference_runner_refuses_a_damaged_artifact(exported, tmp_path):
     with pytest.raises(runner.ExportFolderError, match="decode.fp32.onnx does not match manifest.json"):
         runner.Runner(copy, "onnx", "fp32")
     runner.Runner(copy, "tflite", "fp32")  # the untouched artifacts still load
+    weights = copy / "onnx" / "weights.int8.bin"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")  # the shared weights, altered
+    with pytest.raises(runner.ExportFolderError, match="weights.int8.bin does not match manifest.json"):
+        runner.Runner(copy, "onnx", "int8")
 
 
 def test_failed_check_keeps_the_previous_export_and_leaves_no_temp(model, tokenizer, tmp_path):

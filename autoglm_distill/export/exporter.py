@@ -28,7 +28,7 @@ from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
 from autoglm_distill.data.synth import sample_chats
 from autoglm_distill.export import coreml, onnx, tflite
 from autoglm_distill.export.graphs import GraphSpec, graph_specs
-from autoglm_distill.export.report import measure_latency, write_report
+from autoglm_distill.export.report import measure_latency, size_rows, write_report
 from autoglm_distill.export.storage import weight_storage
 from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
 from autoglm_distill.models import decoder_parts, qat_record, weight_sparsity
@@ -158,6 +158,22 @@ def fitting(goldens: Sequence[Golden], settings: ExportSettings) -> list[Golden]
     return fit
 
 
+def _shared_weights(record: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
+    """``{"weights": file, bytes, sha256, sharing figures}`` for a graph whose weights live in a file it shares with
+    the other graphs of its format and precision (ONNX external data); ``{}`` for a self-contained file."""
+    if "weights_file" not in record:
+        return {}
+    path = Path(record["weights_file"])
+    return {
+        "weights": {
+            "file": str(path.relative_to(tmp)),
+            "bytes": _bytes(path),
+            "sha256": sha256_of(path),
+            **record["weight_sharing"],
+        }
+    }
+
+
 def _with_qat(quantization: dict | None, qat: dict | None) -> dict | None:
     """An int8 artifact's quantization record, with the QAT scheme the student was trained under (if any)."""
     if quantization is None or qat is None:
@@ -283,6 +299,7 @@ def export_student(
                             "file": str(path.relative_to(tmp)),
                             "bytes": _bytes(path),
                             "sha256": sha256_of(path),
+                            **_shared_weights(record, tmp),
                             "signatures": record["signatures"],
                             "max_context": settings.max_context,
                             "quantization": _with_qat(record["quantization"], facts.get("qat")),
@@ -320,6 +337,8 @@ def export_student(
                 "artifacts": artifacts,
             }
         )
+        # What each format + precision takes on disk, every file once (ONNX graphs share their weight file).
+        manifest["sizes"] = [{k: r[k] for k in ("format", "precision", "files", "bytes")} for r in size_rows(manifest)]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         write_report(tmp, manifest)
 

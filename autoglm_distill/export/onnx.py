@@ -1,11 +1,14 @@
 """ONNX artifacts: ``torch.onnx.export(dynamo=True)`` per graph, fp32 and dynamic int8 (onnxruntime quantization).
 
-Files: ``prefill.fp32.onnx`` / ``decode.fp32.onnx`` and ``prefill.int8.onnx`` / ``decode.int8.onnx``, each a single
-protobuf (which caps one graph at 2 GiB in fp32). Key facts go into the file's ``metadata_props``.
+Files per precision: ``prefill.<precision>.onnx`` and ``decode.<precision>.onnx`` (nodes and small constants) and
+``weights.<precision>.bin``, the weights both graphs read, stored once: ONNX external data (each large initializer
+points at an offset and length in it), so onnxruntime loads each graph from its own path with no extra step. Key
+facts go into each graph's ``metadata_props``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -22,6 +25,12 @@ FORMAT = "onnx"
 PRECISIONS = ("fp32", "int8")
 OPSET = 18
 INT8_OP_TYPES = ("MatMul", "Gather")
+# Initializers this large or larger go to the shared weight file (onnx's own external-data threshold); the ones of
+# ALIGN_BYTES or more start at a multiple of PAGE_BYTES, so onnxruntime can memory-map them (what its own external
+# data writer does).
+SHARED_MIN_BYTES = 1024
+ALIGN_BYTES = 1 << 20
+PAGE_BYTES = 4096
 
 
 def converter_versions() -> dict[str, str]:
@@ -58,8 +67,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def write_metadata(path: str | os.PathLike, facts: Mapping[str, Any]) -> None:
-    """Merge ``facts`` (non-strings as JSON) into the file's ``metadata_props``."""
-    proto = onnx.load(str(path))
+    """Merge ``facts`` (non-strings as JSON) into the file's ``metadata_props`` (external data stays where it is)."""
+    proto = onnx.load(str(path), load_external_data=False)
     merged = {p.key: p.value for p in proto.metadata_props}
     merged.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()})
     del proto.metadata_props[:]
@@ -119,23 +128,70 @@ def _quantize_int8(src: Path, dst: Path, vocab_size: int) -> dict:
     }
 
 
+def share_weights(paths: Sequence[Path], weights: Path) -> dict[str, int]:
+    """Move the initializers of ``paths`` (graphs of one model, each a single protobuf) of ``SHARED_MIN_BYTES`` or
+    more into ``weights``, each distinct tensor once: the graphs keep their nodes and small constants and point at
+    an offset in ``weights`` for the rest (ONNX external data). Tensors are matched by their bytes, not their names:
+    the exporter folds each weight's transpose into a constant named per graph. The exporter's per-node debug
+    metadata (source stack traces) is dropped. Returns the bytes referenced by all graphs together and the bytes
+    stored."""
+    stored: dict[bytes, tuple[int, int]] = {}
+    referenced = 0
+    with open(weights, "wb") as blob:
+        for path in paths:
+            proto = onnx.load(str(path), load_external_data=False)
+            for tensor in proto.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < SHARED_MIN_BYTES:
+                    continue
+                data = tensor.raw_data
+                key = hashlib.sha256(data).digest()
+                if key not in stored:
+                    if len(data) >= ALIGN_BYTES:
+                        blob.write(b"\0" * (-blob.tell() % PAGE_BYTES))
+                    stored[key] = (blob.tell(), len(data))
+                    blob.write(data)
+                offset, length = stored[key]
+                referenced += length
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for k, v in (("location", weights.name), ("offset", str(offset)), ("length", str(length))):
+                    tensor.external_data.add(key=k, value=v)
+            for node in proto.graph.node:  # the exporter's per-node debug info (stack traces): most of a graph's bytes
+                del node.metadata_props[:]
+                node.ClearField("doc_string")
+            onnx.save(proto, str(path))
+    return {"referenced_bytes": referenced, "stored_bytes": sum(length for _, length in stored.values())}
+
+
 def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
-    """Write both graphs at ``precision`` into ``folder``; one record per file. int8 needs the fp32 files first."""
-    records = []
+    """Write both graphs at ``precision`` into ``folder``, their weights once in ``weights.<precision>.bin``; one
+    record per graph file. int8 needs the fp32 files first."""
+    paths, quantizations = {}, {}
     for name, spec in specs.items():
-        path = folder / f"{name}.{precision}.onnx"
+        path = paths[name] = folder / f"{name}.{precision}.onnx"
         if precision == "fp32":
             _export(spec, path)
-            quantization = None
+            quantizations[name] = None
         else:
-            quantization = _quantize_int8(folder / f"{name}.fp32.onnx", path, facts["vocab_size"])
+            quantizations[name] = _quantize_int8(folder / f"{name}.fp32.onnx", path, facts["vocab_size"])
         write_metadata(
-            path, {**facts, "format": FORMAT, "graph": name, "precision": precision, "quantization": quantization}
+            path,
+            {**facts, "format": FORMAT, "graph": name, "precision": precision, "quantization": quantizations[name]},
         )
-        records.append(
-            {"graphs": [name], "file": path, "quantization": quantization, "signatures": {name: signature(path)}}
-        )
-    return records
+    weights = folder / f"weights.{precision}.bin"
+    sharing = share_weights(list(paths.values()), weights)
+    return [
+        {
+            "graphs": [name],
+            "file": path,
+            "weights_file": weights,
+            "weight_sharing": sharing,
+            "quantization": quantizations[name],
+            "signatures": {name: signature(path)},
+        }
+        for name, path in paths.items()
+    ]
 
 
 class OrtGraph:

@@ -46,8 +46,8 @@ def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, 
     return {**out, "runs": runs, "prompt_tokens": len(golden.prompt), "threads": torch.get_num_threads()}
 
 
-def _rows(manifest: Mapping[str, Any]) -> list[dict]:
-    """One row per format + precision (an ONNX/Core ML pair of graph files is one row)."""
+def size_rows(manifest: Mapping[str, Any]) -> list[dict]:
+    """One row per format + precision (an ONNX/Core ML pair of graph files is one row); bytes count every file once."""
     rows: dict[tuple[str, str], dict] = {}
     for artifact in manifest["artifacts"]:
         key = (artifact["format"], artifact["precision"])
@@ -62,8 +62,10 @@ def _rows(manifest: Mapping[str, Any]) -> list[dict]:
                 "parity": artifact["parity"],
             },
         )
-        row["files"].append(artifact["file"])
-        row["bytes"] += artifact["bytes"]
+        for entry in (artifact, artifact.get("weights")):  # a weight file the graphs share counts once
+            if entry is not None and entry["file"] not in row["files"]:
+                row["files"].append(entry["file"])
+                row["bytes"] += entry["bytes"]
     out = list(rows.values())
     for row in out:
         full = next(r for r in out if r["format"] == row["format"] and r["precision"] in ("fp32", "fp16"))
@@ -114,7 +116,7 @@ def _ms(latency: Mapping[str, Any], key: str) -> str:
 
 def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
     """``report.md`` (table of size, latency and parity per format and precision) and ``report.png``."""
-    rows = _rows(manifest)
+    rows = size_rows(manifest)
     facts = manifest["model"]
     runs = next((r["latency"]["runs"] for r in rows if r["latency"]), 0)
     lines = [

@@ -57,15 +57,20 @@ def check_files(folder: Path, manifest: dict, files: set[str]) -> None:
     in transit fails here, naming the file, instead of giving wrong answers)."""
     from autoglm_distill.utils import sha256_of
 
+    checked = set()
     for artifact in manifest["artifacts"]:
         if artifact["file"] not in files:
             continue
-        path = folder / artifact["file"]
-        if not path.exists() or sha256_of(path) != artifact["sha256"]:
-            raise ExportFolderError(
-                f"{path} does not match manifest.json (sha256): the file is damaged or was changed; copy the "
-                "export folder again"
-            )
+        for entry in (artifact, artifact.get("weights")):  # the graph, and the weight file it reads (ONNX)
+            if entry is None or entry["file"] in checked:
+                continue
+            checked.add(entry["file"])
+            path = folder / entry["file"]
+            if not path.exists() or sha256_of(path) != entry["sha256"]:
+                raise ExportFolderError(
+                    f"{path} does not match manifest.json (sha256): the file is damaged or was changed; copy the "
+                    "export folder again"
+                )
 
 
 def _artifacts(manifest: dict, fmt: str, precision: str) -> dict[str, str]:
