@@ -158,12 +158,8 @@ def test_coreml_structural_check_catches_a_weight_that_differs(exported, model, 
     with torch.no_grad():
         perturbed.model.layers[0].mlp.down_proj.weight.add_(0.05)
     specs = graph_specs(perturbed, manifest["model"])
-    artifact = next(
-        a
-        for a in manifest["artifacts"]
-        if a["format"] == "coreml" and a["precision"] == precision and a["graphs"] == ["prefill"]
-    )
-    check = coreml.check_structure({"graphs": ["prefill"], "file": out / artifact["file"]}, specs, precision)
+    artifact = next(a for a in manifest["artifacts"] if a["format"] == "coreml" and a["precision"] == precision)
+    check = coreml.check_structure({"file": out / artifact["file"]}, specs, precision, "prefill")
     assert check["io_as_declared"] and check["weights_checked"] > 0
     assert not check["passed"] and check["worst_weight_error_in_tolerances"] > 1.0
 
@@ -272,6 +268,34 @@ def test_onnx_graphs_of_a_precision_share_one_weight_file_holding_each_tensor_on
     files = sizes[("onnx", "fp32")]["files"]
     assert sorted(files) == ["onnx/decode.fp32.onnx", "onnx/prefill.fp32.onnx", "onnx/weights.fp32.bin"]
     assert sizes[("onnx", "fp32")]["bytes"] == sum(exporter._bytes(out / f) for f in files)
+
+
+@pytest.mark.slow
+def test_coreml_is_one_package_per_precision_with_a_function_per_graph_and_the_weights_once(exported):
+    import coremltools as ct
+
+    out, manifest = exported
+    for precision in coreml.PRECISIONS:
+        (artifact,) = [a for a in manifest["artifacts"] if a["format"] == "coreml" and a["precision"] == precision]
+        path = out / artifact["file"]
+        assert artifact["file"] == f"coreml/student.{precision}.mlpackage"
+        assert artifact["graphs"] == ["prefill", "decode"]
+        # Every weight constant's place in weight.bin, per function: a parameter both functions use is one blob.
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        places = {}
+        for name, function in spec.mlProgram.functions.items():
+            operations = function.block_specializations[function.opset].operations
+            places[name] = {
+                op.outputs[0].name: value.blobFileValue.offset
+                for op in operations
+                for value in [*op.attributes.values(), *(a.value for i in op.inputs.values() for a in i.arguments)]
+                if value.HasField("blobFileValue")
+            }
+        shared = set(places["prefill"]) & set(places["decode"])
+        assert len(shared) >= 10 and all(places["prefill"][n] == places["decode"][n] for n in shared), precision
+        assert len({*places["prefill"].values(), *places["decode"].values()}) < 0.6 * sum(map(len, places.values()))
+        assert set(artifact["signatures"]) == {"prefill", "decode"}
+        assert artifact["signatures"]["decode"]["inputs"][0]["name"] == "token"
 
 
 @pytest.mark.slow
@@ -434,9 +458,9 @@ def test_coreml_predict_matches_pytorch_on_macos(exported, model):
     specs = graph_specs(model, manifest["model"])
     for artifact in manifest["artifacts"]:
         if artifact["format"] == "coreml" and artifact["precision"] == "fp16":
-            (graph,) = artifact["graphs"]
-            figures = coreml.predict_parity({"file": out / artifact["file"]}, specs[graph])
-            assert figures["top1_match"] and figures["logits_max_abs_diff"] < 5e-2
+            for graph in artifact["graphs"]:
+                figures = coreml.predict_parity({"file": out / artifact["file"]}, specs[graph], graph)
+                assert figures["top1_match"] and figures["logits_max_abs_diff"] < 5e-2
 
 
 # --- GLM-4.1V (image-text) students: vision graph + prefill over image embeddings ------------------------------------

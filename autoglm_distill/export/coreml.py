@@ -1,4 +1,7 @@
-"""Core ML artifacts: one ``.mlpackage`` per graph and precision (mlprogram, iOS 18 target).
+"""Core ML artifacts: one ``student.<precision>.mlpackage`` per precision (mlprogram, iOS 18 target), a function per
+graph (``prefill``, ``decode``, and ``vision`` for GLM-4.1V): each graph is converted on its own, then the functions
+are merged with ``coremltools.utils.save_multifunction``, which stores weights with equal values once, so the
+package holds one copy of the weights (the app picks the function with ``MLModelConfiguration.functionName``).
 
 The graphs go through ``torch.export`` + ``run_decompositions({})`` (coremltools' torch.export path needs the core
 ATen opset) into ``coremltools.convert`` with fp16 compute precision. int8 is ``coremltools.optimize``'s
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,9 +58,10 @@ def _const_name(parameter: str) -> str:
     return "p_" + parameter.replace(".", "_") + "_to_fp16"
 
 
-def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Every weight constant of an mlprogram package, read from its spec and weight blob: ``{op name: (values,
-    None)}`` for plain constants and ``{op name: (int8 data, scale)}`` for ``constexpr_blockwise_shift_scale``.
+def package_weights(path, function: str = "main") -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Every weight constant of one function of an mlprogram package, read from its spec and weight blob:
+    ``{op name: (values, None)}`` for plain constants and ``{op name: (int8 data, scale)}`` for
+    ``constexpr_blockwise_shift_scale``.
     A ``constexpr_sparse_to_dense`` weight (name ``..._sparsified``) comes back dense, zeros filled in: fp16 values,
     or int8 data and scale when its non-zero values are quantized (``constexpr_sparse_blockwise_shift_scale``).
 
@@ -67,7 +72,7 @@ def package_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     from coremltools.proto import MIL_pb2
 
     model = ct.models.MLModel(str(path), skip_model_load=True)
-    function = model.get_spec().mlProgram.functions["main"]
+    function = model.get_spec().mlProgram.functions[function]
     reader = _BlobStorageReader(str(Path(model.weights_dir) / "weight.bin"))
     readers = {
         "float16": "read_fp16_data",
@@ -157,12 +162,14 @@ def _sparsify(model):
 
 
 def _sparse_weights(path) -> int:
-    """How many weights the package stores sparse."""
+    """How many weights the package stores sparse (a weight that several functions read counts once)."""
     import coremltools as ct
 
-    function = ct.models.MLModel(str(path), skip_model_load=True).get_spec().mlProgram.functions["main"]
-    operations = function.block_specializations[function.opset].operations
-    return sum(op.type == "constexpr_sparse_to_dense" for op in operations)
+    names = set()
+    for function in ct.models.MLModel(str(path), skip_model_load=True).get_spec().mlProgram.functions.values():
+        operations = function.block_specializations[function.opset].operations
+        names.update(op.outputs[0].name for op in operations if op.type == "constexpr_sparse_to_dense")
+    return len(names)
 
 
 def _quantize_int8(model, sparse: bool = False):
@@ -191,10 +198,12 @@ def read_metadata(path) -> dict[str, str]:
     return dict(spec.description.metadata.userDefined)
 
 
-def signature(path) -> dict[str, list[dict]]:
+def signature(path, function: str) -> dict[str, list[dict]]:
+    """Inputs and outputs of one function of a multifunction package."""
     import coremltools as ct
 
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    description = next(f for f in spec.description.functions if f.name == function)
     array = ct.proto.FeatureTypes_pb2.ArrayFeatureType
 
     def describe(features) -> list[dict]:
@@ -205,7 +214,7 @@ def signature(path) -> dict[str, list[dict]]:
             out.append({"name": feature.name, "shape": [int(d) for d in multi.shape], "dtype": dtype})
         return out
 
-    return {"inputs": describe(spec.description.input), "outputs": describe(spec.description.output)}
+    return {"inputs": describe(description.input), "outputs": describe(description.output)}
 
 
 def _quiet_converter() -> None:
@@ -213,61 +222,100 @@ def _quiet_converter() -> None:
     logging.getLogger("coremltools").setLevel(logging.WARNING)
 
 
+def _merge(parts: Mapping[str, Path], path: Path) -> None:
+    """One package at ``path`` with a function per single-function package in ``parts`` (name -> package)."""
+    import coremltools as ct
+
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, part in parts.items():
+        descriptor.add_function(str(part), "main", name)
+    descriptor.default_function_name = next(iter(parts))
+    ct.utils.save_multifunction(descriptor, str(path))
+
+
+def _single_function(package: Path, function: str, path: Path):
+    """``function`` of a multifunction package as a plain single-function model (``coremltools.optimize`` refuses
+    multifunction models): extracted into ``path`` with ``save_multifunction``, then its description made the
+    model's own (the structural check verifies what comes out of it)."""
+    import coremltools as ct
+
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    descriptor.add_function(str(package), function, "main")
+    descriptor.default_function_name = "main"
+    ct.utils.save_multifunction(descriptor, str(path))
+    extracted = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = extracted.get_spec()
+    (description,) = spec.description.functions
+    spec.description.input.extend(description.input)
+    spec.description.output.extend(description.output)
+    spec.description.state.extend(description.state)
+    del spec.description.functions[:]
+    spec.description.defaultFunctionName = ""
+    return ct.models.MLModel(spec, weights_dir=extracted.weights_dir, skip_model_load=True)
+
+
 def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
-    """Write ``<graph>.<precision>.mlpackage`` per graph. int8 compresses the fp16 packages, written first."""
+    """Write ``student.<precision>.mlpackage``, a function per graph, the weights once. Each graph is converted (fp16)
+    or quantized from the fp16 package's function (int8, written first) on its own, then the functions are merged."""
     import coremltools as ct
 
     _quiet_converter()
     sparse = bool((facts.get("weight_sparsity") or {}).get("pattern"))
-    records = []
     quantization = (
         None
         if precision == "fp16"
         else {"recipe": INT8_RECIPE, "weights": "int8 per output channel (embedding included)", "activations": "fp16"}
     )
-    for name, spec in specs.items():
-        path = folder / f"{name}.{precision}.mlpackage"
-        if precision == "fp16":
-            model = _sparsify(_convert(spec)) if sparse else _convert(spec)
-        else:
-            fp16 = ct.models.MLModel(str(folder / f"{name}.fp16.mlpackage"), skip_model_load=True)
-            model = _quantize_int8(fp16, sparse)
+    path = folder / f"student.{precision}.mlpackage"
+    with tempfile.TemporaryDirectory(dir=folder) as parts_dir:
+        parts = {}
+        for name, spec in specs.items():
+            if precision == "fp16":
+                model = _sparsify(_convert(spec)) if sparse else _convert(spec)
+            else:
+                single = Path(parts_dir) / f"{name}.fp16.mlpackage"
+                fp16 = _single_function(folder / "student.fp16.mlpackage", name, single)
+                model = _quantize_int8(fp16, sparse)
+            parts[name] = Path(parts_dir) / f"{name}.mlpackage"
+            model.save(str(parts[name]))
+        merged = Path(parts_dir) / "merged.mlpackage"
+        _merge(parts, merged)
+        model = ct.models.MLModel(str(merged), skip_model_load=True)
         _set_metadata(
             model,
             {
                 **facts,
                 "format": FORMAT,
-                "graph": name,
+                "graphs": list(specs),
                 "precision": precision,
                 "quantization": quantization,
                 "kv_cache": "input/output tensors",
             },
         )
-        model.save(str(path))
-        records.append(
-            {
-                "graphs": [name],
-                "file": path,
-                "quantization": quantization,
-                "signatures": {name: signature(path)},
-                "weight_storage": weight_storage(facts, _sparse_weights(path), SPARSE_RECIPES[precision]),
-            }
-        )
-    return records
+        model.save(str(path))  # (MLModel.save cannot write over the package it was read from)
+    return [
+        {
+            "graphs": list(specs),
+            "file": path,
+            "quantization": quantization,
+            "signatures": {name: signature(path, name) for name in specs},
+            "weight_storage": weight_storage(facts, _sparse_weights(path), SPARSE_RECIPES[precision]),
+        }
+    ]
 
 
-def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], precision: str) -> dict:
-    """What can be checked of a Core ML package off macOS (see the module docstring); figures plus ``passed``."""
-    (graph,) = record["graphs"]
+def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], precision: str, graph: str) -> dict:
+    """What can be checked of one function (``graph``) of a Core ML package off macOS (see the module docstring);
+    figures plus ``passed``."""
     spec = specs[graph]
-    io = signature(record["file"])
+    io = signature(record["file"], graph)
     io_ok = (
         [i["name"] for i in io["inputs"]] == list(spec.inputs)
         and [o["name"] for o in io["outputs"]] == list(spec.outputs)
         and all(i["shape"] == list(spec.example[i["name"]].shape) for i in io["inputs"])
     )
 
-    consts = package_weights(record["file"])
+    consts = package_weights(record["file"], graph)
     parameters = used_parameters(spec)
     missing, folded, worst, compressed, sparse = [], [], 0.0, 0, 0
     for name, parameter in parameters.items():
@@ -333,11 +381,12 @@ def used_parameters(spec: GraphSpec) -> dict[str, torch.Tensor]:
     return spec._used_parameters
 
 
-def predict_parity(record: Mapping[str, Any], spec: GraphSpec) -> dict:
-    """macOS only: run the package with Core ML on the graph's example inputs and compare with PyTorch."""
+def predict_parity(record: Mapping[str, Any], spec: GraphSpec, graph: str) -> dict:
+    """macOS only: run the package's ``graph`` function with Core ML on the graph's example inputs and compare with
+    PyTorch."""
     import coremltools as ct
 
-    model = ct.models.MLModel(str(record["file"]), compute_units=ct.ComputeUnit.CPU_ONLY)
+    model = ct.models.MLModel(str(record["file"]), compute_units=ct.ComputeUnit.CPU_ONLY, function_name=graph)
     feeds = {name: t.numpy() for name, t in spec.example.items()}
     out = model.predict(feeds)
     with torch.no_grad():

@@ -204,7 +204,7 @@ def _runtime(fmt: str, records: Sequence[Mapping], specs: Mapping[str, GraphSpec
 def _check(fmt: str, precision: str, records, specs, graphs, refs, facts, bars: Bars) -> dict:
     """Core ML: structural checks of each package; ONNX/TFLite: parity of the loaded ``graphs`` against ``refs``."""
     if fmt == "coreml":
-        checks = {r["graphs"][0]: coreml.check_structure(r, specs, precision) for r in records}
+        checks = {g: coreml.check_structure(r, specs, precision, g) for r in records for g in r["graphs"]}
         return {"kind": "structural", **checks, "passed": all(c["passed"] for c in checks.values())}
     figures = compare(graphs, refs, facts)
     return {
