@@ -38,14 +38,15 @@ from .conftest import TINY_TEXT
 
 MAX_CONTEXT = 256
 NEW_TOKENS = 16
-# A random tiny model has near-tied logits that int8 noise flips, so its int8 bar is relaxed here; the figure is
-# still recorded and checked to be a real agreement rate. The trained demo student meets the default 0.95.
+# A random tiny model has near-tied logits that int8 noise flips (int4 noise nearly all of them), so its top-1 bars
+# are relaxed here and its int4 bar is the mean KL; the figures are still recorded and checked. The trained demo
+# student is held to the defaults.
 SETTINGS = ExportSettings(
     max_context=MAX_CONTEXT,
     max_new_tokens=NEW_TOKENS,
     golden_prompts=2,
     latency_runs=3,
-    bars=Bars(int8_min_top1_agreement=0.3),
+    bars=Bars(int8_min_top1_agreement=0.3, int4_min_top1_agreement=0.0, int4_max_mean_kl=0.05),
 )
 
 
@@ -123,10 +124,13 @@ def test_every_format_and_precision_is_written_and_passes(exported):
     assert kinds == {
         ("onnx", "fp32"),
         ("onnx", "int8"),
+        ("onnx", "int4"),
         ("tflite", "fp32"),
         ("tflite", "int8"),
+        ("tflite", "int4"),
         ("coreml", "fp16"),
         ("coreml", "int8"),
+        ("coreml", "int4"),
     }
     for artifact in manifest["artifacts"]:
         parity = artifact["parity"]
@@ -136,7 +140,8 @@ def test_every_format_and_precision_is_written_and_passes(exported):
                 check = parity[graph]
                 assert check["io_as_declared"] and not check["weights_missing"]
                 assert check["worst_weight_error_in_tolerances"] <= 1.0
-                assert (check["weights_int8"] > 0) == (artifact["precision"] == "int8")
+                assert (check["weights_int8"] > 0) == (artifact["precision"] != "fp16")  # int4: embedding, head
+                assert (check["weights_int4"] > 0) == (artifact["precision"] == "int4")
         elif artifact["precision"] == "fp32":
             # Real runtime, every position of 2 prompts x 16 greedy tokens.
             assert parity["runtime"] in ("onnxruntime CPU EP", "ai_edge_litert Interpreter")
@@ -144,12 +149,14 @@ def test_every_format_and_precision_is_written_and_passes(exported):
             assert max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"]) <= 1e-4
             assert parity["greedy_match"] and parity["top1_agreement"] == 1.0 and parity["min_cosine"] > 0.9999
         else:
-            assert 0.3 <= parity["top1_agreement"] <= 1.0
+            # int4 flips the argmax of this random model's near-tied logits, though its distributions stay close
+            assert 0 < parity["mean_kl"] <= (0.05 if artifact["precision"] == "int4" else 0.01)
+            assert 0.3 <= parity["top1_agreement"] <= 1.0 or artifact["precision"] == "int4"
             assert parity["prefill_max_abs_diff"] > 0  # really quantized, not the fp32 graph again
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_coreml_structural_check_catches_a_weight_that_differs(exported, model, precision):
     import copy
 
@@ -177,32 +184,48 @@ def test_int8_artifacts_are_smaller_and_quantize_the_embedding(exported):
 
 
 @pytest.mark.slow
-def test_int8_is_well_under_half_of_fp32_on_a_wider_student(tokenizer, tmp_path):
+def test_int8_and_int4_sizes_on_a_wider_student(tokenizer, tmp_path):
     torch.manual_seed(0)
-    wide = build_model(
-        "glm4",
-        {
-            **TINY_TEXT,
-            "hidden_size": 128,
-            "intermediate_size": 512,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "num_hidden_layers": 2,
-        },
-        tokenizer,
-    ).eval()
+    shape = {"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 8, "head_dim": 32}
+    wide = build_model("glm4", {**TINY_TEXT, **shape, "num_key_value_heads": 2, "num_hidden_layers": 2}, tokenizer)
+    assert sum(p.numel() for p in wide.parameters()) >= 1_000_000
     settings = ExportSettings(
         max_context=16,
         max_new_tokens=4,
         golden_prompts=1,
         latency_runs=1,
-        formats=("onnx", "tflite"),
-        bars=Bars(int8_min_top1_agreement=0.0),
+        bars=Bars(int8_min_top1_agreement=0.0, int4_min_top1_agreement=0.0, int4_max_mean_kl=10.0),
     )
-    manifest = export_student(wide, tokenizer, tmp_path / "wide", settings, golden=[[1, 2, 3]])
+    manifest = export_student(wide.eval(), tokenizer, tmp_path / "wide", settings, golden=[[1, 2, 3]])
     size = {(s["format"], s["precision"]): s["bytes"] for s in manifest["sizes"]}
-    assert size[("onnx", "int8")] < 0.4 * size[("onnx", "fp32")]
-    assert size[("tflite", "int8")] < 0.4 * size[("tflite", "fp32")]
+    for fmt in ("onnx", "tflite"):
+        assert size[(fmt, "int8")] <= 0.30 * size[(fmt, "fp32")], (fmt, size)
+        assert size[(fmt, "int4")] <= 0.18 * size[(fmt, "fp32")], (fmt, size)
+    # Core ML's full precision is fp16: half of fp32.
+    assert size[("coreml", "int8")] <= 0.60 * size[("coreml", "fp16")], size
+    assert size[("coreml", "int4")] <= 0.36 * size[("coreml", "fp16")], size
+
+
+@pytest.mark.slow
+def test_int4_keeps_the_embedding_and_the_output_head_in_int8(exported, model):
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    out, manifest = exported
+    int4 = {a["format"]: a for a in manifest["artifacts"] if a["precision"] == "int4"}
+    assert int4["onnx"]["quantization"]["matmulnbits"] > 0
+    assert int4["onnx"]["quantization"]["embedding_dtype"] in ("int8", "uint8")
+    assert int4["onnx"]["quantization"]["quantized_matmuls"] == 1  # the output head, int8
+    flat = flatbuffer_utils.read_model(str(out / int4["tflite"]["file"]))
+    tensors = {t.name.decode(): t for t in flat.subgraphs[0].tensors}
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    kinds = {(tuple(t.shape), t.type) for t in tensors.values() if t.buffer and len(t.shape) == 2}
+    assert (vocab, hidden) in {shape for shape, kind in kinds if kind == schema.TensorType.INT8}  # embedding, head
+    assert any(kind == schema.TensorType.INT4 for _, kind in kinds)
+    assert not any(kind == schema.TensorType.INT4 and vocab in shape for shape, kind in kinds)
+    for graph in ("prefill", "decode"):
+        check = int4["coreml"]["parity"][graph]
+        assert check["weights_int4"] > 0 and check["weights_int8"] >= 2
 
 
 @pytest.mark.slow
@@ -248,7 +271,7 @@ def test_onnx_graphs_of_a_precision_share_one_weight_file_holding_each_tensor_on
         (weights,) = {json.dumps(a["weights"], sort_keys=True) for a in graphs}  # one file, the same for both
         weights = json.loads(weights)
         blob = (out / weights["file"]).read_bytes()
-        places, contents = set(), {}
+        places, contents, read = set(), {}, {}
         for artifact in graphs:
             proto = onnx_lib.load(str(out / artifact["file"]), load_external_data=False)
             external = [t for t in proto.graph.initializer if t.data_location == onnx_lib.TensorProto.EXTERNAL]
@@ -257,13 +280,17 @@ def test_onnx_graphs_of_a_precision_share_one_weight_file_holding_each_tensor_on
                 info = {e.key: e.value for e in tensor.external_data}
                 assert info["location"] == Path(weights["file"]).name
                 places.add((int(info["offset"]), int(info["length"])))
+                read.setdefault(artifact["graphs"][0], set()).add((int(info["offset"]), int(info["length"])))
         for offset, length in places:
             digest = hashlib.sha256(blob[offset : offset + length]).digest()
             assert digest not in contents, f"the same weights stored twice ({precision})"
             contents[digest] = length
-        # Every stored byte is used, and both graphs read most of their weights from the same places.
+        # Every stored byte is used, and both graphs read most of their weights from the same places (the rest:
+        # rotary tables and masks of each graph's own length).
         assert weights["stored_bytes"] == sum(contents.values()) <= len(blob)
-        assert weights["stored_bytes"] < 0.6 * weights["referenced_bytes"]
+        assert weights["referenced_bytes"] >= sum(n for places in read.values() for _, n in places)
+        both = sum(n for _, n in read["prefill"] & read["decode"])
+        assert both >= 0.7 * min(sum(n for _, n in places) for places in read.values()), precision
     sizes = {(s["format"], s["precision"]): s for s in manifest["sizes"]}
     files = sizes[("onnx", "fp32")]["files"]
     assert sorted(files) == ["onnx/decode.fp32.onnx", "onnx/prefill.fp32.onnx", "onnx/weights.fp32.bin"]
@@ -327,7 +354,7 @@ def test_reference_runner_errors_name_the_fix(exported, tmp_path):
     with pytest.raises(runner.ExportFolderError, match="not a finished export folder"):
         runner.run(tmp_path, "x")
     with pytest.raises(runner.ExportFolderError, match="onnx/fp32"):
-        runner.run(out, "x", fmt="onnx", precision="int4")
+        runner.run(out, "x", fmt="onnx", precision="int2")
     proc = subprocess.run(
         [sys.executable, "-m", "autoglm_distill.export.runner", str(tmp_path), "--prompt", "x"],
         capture_output=True,
@@ -533,7 +560,7 @@ def test_glm4v_every_format_and_precision_passes(vision_exported, vision_model):
     for artifact in manifest["artifacts"]:
         assert artifact["parity"]["passed"], artifact
         by_kind.setdefault((artifact["format"], artifact["precision"]), set()).update(artifact["graphs"])
-    assert len(by_kind) == 6 and all(graphs == {"vision", "prefill", "decode"} for graphs in by_kind.values())
+    assert len(by_kind) == 9 and all(graphs == {"vision", "prefill", "decode"} for graphs in by_kind.values())
     fp32 = [a["parity"] for a in manifest["artifacts"] if a["precision"] == "fp32"]
     assert all(p["greedy_match"] and max(p["prefill_max_abs_diff"], p["decode_max_abs_diff"]) <= 1e-4 for p in fp32)
     tflite_io = next(a for a in manifest["artifacts"] if a["format"] == "tflite")["signatures"]

@@ -35,12 +35,22 @@ from autoglm_distill.export.graphs import GraphSpec
 from autoglm_distill.export.storage import MIN_ZERO_FRACTION, weight_storage
 
 FORMAT = "coreml"
-PRECISIONS = ("fp16", "int8")
-INT8_RECIPE = "coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int8, per_channel)"
+PRECISIONS = ("fp16", "int8", "int4")
+INT4_BLOCK = 32
+RECIPES = {
+    "int8": "coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int8, per_channel)",
+    "int4": f"coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int4, per_block {INT4_BLOCK}); "
+    "int8 per_channel for the embedding, the output head and weights that are not 2-D or not divisible in blocks",
+}
+WEIGHTS = {
+    "int8": "int8 per output channel (embedding included)",
+    "int4": f"int4 in blocks of {INT4_BLOCK} (embedding and output head int8 per channel)",
+}
 SPARSE_RECIPE = "coremltools.optimize.coreml.prune_weights(OpThresholdPrunerConfig(threshold=1e-12))"
 SPARSE_RECIPES = {
     "fp16": SPARSE_RECIPE + ": fp16 non-zero values",
     "int8": SPARSE_RECIPE + ", then linear_quantize_weights(joint_compression=True): int8 non-zero values",
+    "int4": SPARSE_RECIPE + ", then linear_quantize_weights(joint_compression=True): int4/int8 non-zero values",
 }
 FP16_RTOL = 2.0**-10  # fp16 has an 11-bit significand: rounding is within 2^-11 relative
 
@@ -78,6 +88,7 @@ def package_weights(path, function: str = "main") -> dict[str, tuple[np.ndarray,
         "float16": "read_fp16_data",
         "float32": "read_float_data",
         "int8": "read_int8_data",
+        "int4": "read_int4_data",
         "uint1": "read_uint1_data",
     }
 
@@ -161,6 +172,25 @@ def _sparsify(model):
     return cto.coreml.prune_weights(model, cto.coreml.OptimizationConfig(op_name_configs={n: pruner for n in names}))
 
 
+def _int4_weights(path, function: str) -> set[str]:
+    """Names of the weights one function of the package stores as 4-bit blocks (a sparse one under the name of its
+    ``constexpr_sparse_to_dense``)."""
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+
+    function = ct.models.MLModel(str(path), skip_model_load=True).get_spec().mlProgram.functions[function]
+    names = set()
+    for op in function.block_specializations[function.opset].operations:
+        arguments = [a for key in ("data", "nonzero_data") if key in op.inputs for a in op.inputs[key].arguments]
+        if op.type in ("constexpr_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale") and any(
+            a.value.type.tensorType.dataType == MIL_pb2.DataType.INT4 for a in arguments
+        ):
+            names.update(o.name for o in op.outputs)
+        elif op.type == "constexpr_sparse_to_dense" and any(a.name in names for a in arguments):
+            names.add(op.outputs[0].name)
+    return names
+
+
 def _sparse_weights(path) -> int:
     """How many weights the package stores sparse (a weight that several functions read counts once)."""
     import coremltools as ct
@@ -172,15 +202,26 @@ def _sparse_weights(path) -> int:
     return len(names)
 
 
-def _quantize_int8(model, sparse: bool = False):
-    """int8 per output channel; ``sparse``: a sparse weight's non-zero values are quantized and stay sparse."""
+def _quantize(model, precision: str, vocab_size: int, sparse: bool = False):
+    """int8 per output channel, or int4 in blocks of ``INT4_BLOCK`` input weights (the embedding and output head,
+    whose first dimension is the vocabulary, and weights that do not split into blocks stay int8); ``sparse``: a
+    sparse weight's non-zero values are quantized and stay sparse."""
     import coremltools.optimize as cto
 
-    weight = cto.coreml.OpLinearQuantizerConfig(
+    int8 = cto.coreml.OpLinearQuantizerConfig(
         mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=1
     )
-    names = [name for name in package_weights(model.package_path) if name.startswith("p_")]
-    config = cto.coreml.OptimizationConfig(op_name_configs={name: weight for name in names})
+    int4 = cto.coreml.OpLinearQuantizerConfig(
+        mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=(1, INT4_BLOCK), weight_threshold=1
+    )
+
+    def choose(values: np.ndarray):
+        blocks = values.ndim == 2 and values.shape[0] != vocab_size and values.shape[1] % INT4_BLOCK == 0
+        return int4 if precision == "int4" and blocks else int8
+
+    weights = package_weights(model.package_path)
+    names = {name: choose(values) for name, (values, _) in weights.items() if name.startswith("p_")}
+    config = cto.coreml.OptimizationConfig(op_name_configs=names)
     # An all-zero row (the padding token's embedding) has scale 0: numpy warns on 0/0, the row dequantizes to 0.
     with np.errstate(invalid="ignore", divide="ignore"):
         return cto.coreml.linear_quantize_weights(model, config, joint_compression=sparse)
@@ -256,7 +297,8 @@ def _single_function(package: Path, function: str, path: Path):
 
 def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
     """Write ``student.<precision>.mlpackage``, a function per graph, the weights once. Each graph is converted (fp16)
-    or quantized from the fp16 package's function (int8, written first) on its own, then the functions are merged."""
+    or quantized from the fp16 package's function (int8, int4; fp16 is written first) on its own, then the functions
+    are merged."""
     import coremltools as ct
 
     _quiet_converter()
@@ -264,7 +306,7 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
     quantization = (
         None
         if precision == "fp16"
-        else {"recipe": INT8_RECIPE, "weights": "int8 per output channel (embedding included)", "activations": "fp16"}
+        else {"recipe": RECIPES[precision], "weights": WEIGHTS[precision], "activations": "fp16"}
     )
     path = folder / f"student.{precision}.mlpackage"
     with tempfile.TemporaryDirectory(dir=folder) as parts_dir:
@@ -275,7 +317,7 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
             else:
                 single = Path(parts_dir) / f"{name}.fp16.mlpackage"
                 fp16 = _single_function(folder / "student.fp16.mlpackage", name, single)
-                model = _quantize_int8(fp16, sparse)
+                model = _quantize(fp16, precision, facts["vocab_size"], sparse)
             parts[name] = Path(parts_dir) / f"{name}.mlpackage"
             model.save(str(parts[name]))
         merged = Path(parts_dir) / "merged.mlpackage"
@@ -316,8 +358,9 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
     )
 
     consts = package_weights(record["file"], graph)
+    int4_names = _int4_weights(record["file"], graph)
     parameters = used_parameters(spec)
-    missing, folded, worst, compressed, sparse = [], [], 0.0, 0, 0
+    missing, folded, worst, compressed, four_bit, sparse = [], [], 0.0, 0, 0, 0
     for name, parameter in parameters.items():
         expected = parameter.detach().float().numpy()
         plain, packed = consts.get(_const_name(name)), consts.get(_const_name(name) + "_quantized")
@@ -337,11 +380,14 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
         if packed is not None:
             data, scale = packed
             compressed += 1
-            step = scale.astype(np.float32).reshape(scale.shape[:1] + (1,) * (expected.ndim - 1))
+            four_bit += bool({_const_name(name) + "_quantized", _const_name(name) + "_sparsified"} & int4_names)
+            step = scale.astype(np.float32).reshape(scale.shape + (1,) * (expected.ndim - scale.ndim))
+            for axis, (size, blocks) in enumerate(zip(data.shape, step.shape, strict=True)):  # per block: repeat
+                step = np.repeat(step, size // blocks, axis=axis)
             values = data.astype(np.float32) * step
             # Half a quantization step, plus the fp16 rounding of the weight and of the scale.
             tolerance = 0.5 * step + np.abs(expected) * FP16_RTOL + 127 * step * FP16_RTOL
-        elif plain is not None and not (precision == "int8" and expected.ndim >= 2):
+        elif plain is not None and not (precision != "fp16" and expected.ndim >= 2):
             values = plain[0].astype(np.float32)
             tolerance = np.abs(expected) * FP16_RTOL
         else:
@@ -359,7 +405,8 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
         "weights_checked": checked,
         "weights_folded_as_identity": len(folded),
         "weights_missing": missing[:10],
-        "weights_int8": compressed,
+        "weights_int8": compressed - four_bit,
+        "weights_int4": four_bit,
         "weights_sparse": sparse,
         "worst_weight_error_in_tolerances": worst,
         "passed": bool(passed),

@@ -46,7 +46,7 @@ class ExportSettings:
 
     max_context: int = 512
     formats: Sequence[str] = ("onnx", "tflite", "coreml")
-    quantize: bool = True  # also write the int8 artifacts
+    quantize: bool = True  # also write the int8 and int4 artifacts
     max_new_tokens: int = 32  # greedy tokens compared per golden prompt
     golden_prompts: int = 4
     latency_runs: int = 20
@@ -174,15 +174,14 @@ def _shared_weights(record: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
     }
 
 
-def _with_qat(quantization: dict | None, qat: dict | None) -> dict | None:
-    """An int8 artifact's quantization record, with the QAT scheme the student was trained under (if any)."""
+def _with_qat(quantization: dict | None, qat: dict | None, precision: str) -> dict | None:
+    """A quantized artifact's quantization record, with the QAT scheme the student was trained under (if any)."""
     if quantization is None or qat is None:
         return quantization
-    note = (
-        "weights were trained on this int8 per-channel grid: the int8 file holds the trained values"
-        if qat.get("weights_on_int8_grid")
-        else "trained for " + qat["weights"] + "; written as int8 per channel (the exporters write no int4 yet)"
-    )
+    if precision == "int8" and qat.get("weights_on_int8_grid"):
+        note = "weights were trained on this int8 per-channel grid: the int8 file holds the trained values"
+    else:  # e.g. trained for int4 per group of 16, written as int4 in blocks of 32 or as int8 per channel
+        note = f"trained for {qat['weights']}; written as {quantization['weights']} (the grids differ: not exact)"
     return {**quantization, "qat": qat, "qat_note": note}
 
 
@@ -210,7 +209,7 @@ def _check(fmt: str, precision: str, records, specs, graphs, refs, facts, bars: 
     return {
         "kind": "runtime",
         "runtime": "onnxruntime CPU EP" if fmt == "onnx" else "ai_edge_litert Interpreter",
-        **judge(figures, "fp32" if precision == "fp32" else "int8", bars),
+        **judge(figures, precision, bars),
     }
 
 
@@ -302,7 +301,7 @@ def export_student(
                             **_shared_weights(record, tmp),
                             "signatures": record["signatures"],
                             "max_context": settings.max_context,
-                            "quantization": _with_qat(record["quantization"], facts.get("qat")),
+                            "quantization": _with_qat(record["quantization"], facts.get("qat"), precision),
                             "weight_storage": record.get("weight_storage") or weight_storage(facts),
                             "converter": versions,
                             "parity": parity,

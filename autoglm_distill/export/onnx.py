@@ -1,4 +1,5 @@
-"""ONNX artifacts: ``torch.onnx.export(dynamo=True)`` per graph, fp32 and dynamic int8 (onnxruntime quantization).
+"""ONNX artifacts: ``torch.onnx.export(dynamo=True)`` per graph; fp32, dynamic int8 and int4 (``MatMulNBits``, blocks
+of 32) by onnxruntime's quantization tools.
 
 Files per precision: ``prefill.<precision>.onnx`` and ``decode.<precision>.onnx`` (nodes and small constants) and
 ``weights.<precision>.bin``, the weights both graphs read, stored once: ONNX external data (each large initializer
@@ -22,9 +23,10 @@ import torch
 from autoglm_distill.export.graphs import GraphSpec
 
 FORMAT = "onnx"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
 OPSET = 18
 INT8_OP_TYPES = ("MatMul", "Gather")
+INT4_BLOCK = 32
 # Initializers this large or larger go to the shared weight file (onnx's own external-data threshold); the ones of
 # ALIGN_BYTES or more start at a multiple of PAGE_BYTES, so onnxruntime can memory-map them (what its own external
 # data writer does).
@@ -121,10 +123,43 @@ def _quantize_int8(src: Path, dst: Path, vocab_size: int) -> dict:
     ]
     return {
         "recipe": "onnxruntime quantize_dynamic, QInt8 weights per output channel, dynamic uint8 activations",
+        "weights": "int8 per output channel (embedding included)",
         "op_types": list(INT8_OP_TYPES),
         "quantized_matmuls": sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in quant.graph.node),
         # Dynamic quantization stores a Gather's table with the activation type (uint8, per tensor).
         "embedding_dtype": embedding[0] if embedding else "float32",
+    }
+
+
+def _quantize_int4(src: Path, dst: Path, vocab_size: int) -> dict:
+    """Every MatMul but the output head as ``MatMulNBits`` (4-bit weights, symmetric blocks of ``INT4_BLOCK`` along
+    the input dimension, fp32 activations); then the head's MatMul and the token embedding as in int8."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    proto = onnx.load(str(src))
+    inits = {t.name: t for t in proto.graph.initializer}
+    head = [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and inits[n.input[1]].dims[-1] == vocab_size
+    ]
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, bits=4)
+    quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=head, algo_config=config)
+    quantizer.process()
+    four_bit = dst.with_suffix(".matmulnbits.onnx")
+    quantizer.model.save_model_to_file(str(four_bit), use_external_data_format=False)
+    try:
+        int8 = _quantize_int8(four_bit, dst, vocab_size)
+    finally:
+        four_bit.unlink()
+    quant = onnx.load(str(dst))
+    return {
+        "recipe": f"onnxruntime MatMulNBitsQuantizer (RTN, symmetric, block {INT4_BLOCK}); output head and "
+        "embedding: quantize_dynamic int8",
+        "weights": f"int4 in blocks of {INT4_BLOCK} (embedding and output head int8 per channel)",
+        "matmulnbits": sum(n.op_type == "MatMulNBits" for n in quant.graph.node),
+        "quantized_matmuls": int8["quantized_matmuls"],
+        "embedding_dtype": int8["embedding_dtype"],
     }
 
 
@@ -166,7 +201,7 @@ def share_weights(paths: Sequence[Path], weights: Path) -> dict[str, int]:
 
 def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
     """Write both graphs at ``precision`` into ``folder``, their weights once in ``weights.<precision>.bin``; one
-    record per graph file. int8 needs the fp32 files first."""
+    record per graph file. int8 and int4 need the fp32 files first."""
     paths, quantizations = {}, {}
     for name, spec in specs.items():
         path = paths[name] = folder / f"{name}.{precision}.onnx"
@@ -174,7 +209,8 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
             _export(spec, path)
             quantizations[name] = None
         else:
-            quantizations[name] = _quantize_int8(folder / f"{name}.fp32.onnx", path, facts["vocab_size"])
+            quantize = _quantize_int8 if precision == "int8" else _quantize_int4
+            quantizations[name] = quantize(folder / f"{name}.fp32.onnx", path, facts["vocab_size"])
         write_metadata(
             path,
             {**facts, "format": FORMAT, "graph": name, "precision": precision, "quantization": quantizations[name]},

@@ -3,14 +3,14 @@
 ``litert-torch`` converts the fixed-shape graphs (it needs static shapes and int32 token inputs, which the graphs
 have); the weights are stored once and shared by the ``prefill`` and ``decode`` signatures. int8 is
 ai-edge-quantizer's ``dynamic_wi8_afp32`` recipe (int8 per-channel weights, embedding table included, fp32
-activations quantized on the fly). Key facts go into the flatbuffer's metadata under ``autoglm_distill`` (JSON).
+activations quantized on the fly); int4 is ``dynamic_wi4b32_afp32`` with the embedding and output head kept int8
+(``int4_recipe``). Key facts go into the flatbuffer's metadata under ``autoglm_distill`` (JSON).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,11 +23,43 @@ from torch import nn
 from autoglm_distill.export.graphs import GraphSpec
 
 FORMAT = "tflite"
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
 METADATA_NAME = "autoglm_distill"
 INT8_RECIPE = "ai_edge_quantizer.recipe.dynamic_wi8_afp32"
+INT4_RECIPE = (
+    "ai_edge_quantizer.recipe.dynamic_wi4b32_afp32, with dynamic_wi8_afp32 for EMBEDDING_LOOKUP and for the "
+    "FULLY_CONNECTED that writes the logits"
+)
+# The output head's FULLY_CONNECTED writes the signature's logits output, which litert-torch names
+# <signature>_logits_output.
+HEAD_OUTPUT_REGEX = ".*_logits_output"
+INT4_BLOCK = 32
 
-log = logging.getLogger(__name__)
+
+def int4_recipe(path: str | os.PathLike) -> list[dict]:
+    """4-bit weights in symmetric blocks of ``INT4_BLOCK`` (``dynamic_wi4b32_afp32``), except, int8 per channel: the
+    token embedding and the output head (their rows pick or score single tokens, where 4-bit error shows most), and
+    ops of ``path`` whose weight's input dimension does not split into blocks (a vision patch embedding of 1176).
+    Later entries override earlier ones."""
+    import re
+
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer import recipe
+
+    (int8,) = recipe.dynamic_wi8_afp32()
+    entries = [
+        *recipe.dynamic_wi4b32_afp32(),
+        {**int8, "regex": ".*", "operation": "EMBEDDING_LOOKUP"},
+        {**int8, "regex": HEAD_OUTPUT_REGEX, "operation": "FULLY_CONNECTED"},
+    ]
+    model = flatbuffer_utils.read_model(str(path))
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            weights = [graph.tensors[i] for i in op.inputs[1:2] if i >= 0 and graph.tensors[i].buffer]
+            if weights and len(weights[0].shape) >= 2 and weights[0].shape[-1] % INT4_BLOCK:
+                name = graph.tensors[op.outputs[0]].name.decode()
+                entries.append({**int8, "regex": re.escape(name), "operation": "*"})
+    return entries
 
 
 def converter_versions() -> dict[str, str]:
@@ -109,7 +141,7 @@ def _interpreter(path: str | os.PathLike):
 
 
 def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
-    """Write ``student.<precision>.tflite`` with a signature per graph. int8 needs the fp32 file first."""
+    """Write ``student.<precision>.tflite`` with a signature per graph. int8 and int4 need the fp32 file first."""
     path = folder / f"student.{precision}.tflite"
     if precision == "fp32":
         import litert_torch
@@ -123,11 +155,15 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
     else:
         from ai_edge_quantizer import quantizer, recipe
 
-        result = quantizer.Quantizer(str(folder / "student.fp32.tflite"), recipe.dynamic_wi8_afp32()).quantize()
+        fp32 = folder / "student.fp32.tflite"
+        chosen = recipe.dynamic_wi8_afp32() if precision == "int8" else int4_recipe(fp32)
+        result = quantizer.Quantizer(str(fp32), chosen).quantize()
         result.export_model(str(path), overwrite=True)
         quantization = {
-            "recipe": INT8_RECIPE,
-            "weights": "int8 per channel (embedding included)",
+            "recipe": INT8_RECIPE if precision == "int8" else INT4_RECIPE,
+            "weights": "int8 per channel (embedding included)"
+            if precision == "int8"
+            else "int4 in blocks of 32 (embedding and output head int8 per channel)",
             "activations": "fp32, quantized dynamically",
         }
     write_metadata(

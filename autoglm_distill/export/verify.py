@@ -24,11 +24,14 @@ StepFn = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Bars:
-    """Pass bars. fp32 artifacts must match to float noise and reproduce greedy decoding; quantized ones must agree
-    on the top-1 token at ``int8_min_top1_agreement`` of the positions."""
+    """Pass bars. fp32 artifacts must match to float noise and reproduce greedy decoding; int8 ones must agree on the
+    top-1 token at ``int8_min_top1_agreement`` of the positions; int4 ones at ``int4_min_top1_agreement``, with a
+    mean KL(reference || artifact) over the positions of at most ``int4_max_mean_kl`` (nats)."""
 
     fp32_max_abs_diff: float = 1e-4
     int8_min_top1_agreement: float = 0.95
+    int4_min_top1_agreement: float = 0.9
+    int4_max_mean_kl: float = 0.1
 
 
 @dataclass
@@ -152,6 +155,12 @@ def references(model: nn.Module, goldens: Sequence[Golden], facts: Mapping[str, 
         model.train(was_training)
 
 
+def _kl(reference: torch.Tensor, ours: torch.Tensor) -> float:
+    """KL(softmax(reference) || softmax(ours)) in nats, in float64."""
+    p, q = reference.double().log_softmax(-1), ours.double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
@@ -160,7 +169,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(graphs: Mapping[str, StepFn], refs: Sequence[Reference], facts: Mapping[str, Any]) -> dict:
     """Figures of one runtime against the references (see the module docstring)."""
     session = Session(graphs, facts)
-    prefill_diff, decode_diff, min_cos, agree, steps, greedy_match = 0.0, 0.0, 1.0, 0, 0, True
+    prefill_diff, decode_diff, min_cos, agree, steps, greedy_match, kl = 0.0, 0.0, 1.0, 0, 0, True, 0.0
     for ref in refs:
         rows = session.trajectory(ref.golden, ref.tokens)
         prefill_diff = max(prefill_diff, float((rows[0] - ref.logits[0]).abs().max()))
@@ -168,6 +177,7 @@ def compare(graphs: Mapping[str, StepFn], refs: Sequence[Reference], facts: Mapp
             decode_diff = max(decode_diff, float((ours - theirs).abs().max()))
         min_cos = min(min_cos, *(_cosine(o, r) for o, r in zip(rows, ref.logits, strict=True)))
         agree += sum(int(torch.argmax(o)) == int(torch.argmax(r)) for o, r in zip(rows, ref.logits, strict=True))
+        kl += sum(_kl(r, o) for o, r in zip(rows, ref.logits, strict=True))
         steps += len(rows)
         greedy_match = greedy_match and session.generate(ref.golden, len(ref.tokens)) == ref.tokens
     return {
@@ -177,6 +187,7 @@ def compare(graphs: Mapping[str, StepFn], refs: Sequence[Reference], facts: Mapp
         "decode_max_abs_diff": decode_diff,
         "min_cosine": min_cos,
         "top1_agreement": agree / steps,
+        "mean_kl": kl / steps,
         "greedy_match": greedy_match,
     }
 
@@ -187,6 +198,11 @@ def judge(figures: dict, precision: str, bars: Bars) -> dict:
         worst = max(figures["prefill_max_abs_diff"], figures["decode_max_abs_diff"])
         passed = worst <= bars.fp32_max_abs_diff and figures["greedy_match"]
         bar = f"max |delta logit| <= {bars.fp32_max_abs_diff:g} and identical greedy tokens"
+    elif precision == "int4":
+        passed = (
+            figures["top1_agreement"] >= bars.int4_min_top1_agreement and figures["mean_kl"] <= bars.int4_max_mean_kl
+        )
+        bar = f"top-1 agreement >= {bars.int4_min_top1_agreement:g} and mean KL <= {bars.int4_max_mean_kl:g}"
     else:
         passed = figures["top1_agreement"] >= bars.int8_min_top1_agreement
         bar = f"top-1 agreement >= {bars.int8_min_top1_agreement:g}"
