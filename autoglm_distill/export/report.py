@@ -81,7 +81,10 @@ def _parity_text(parity: Mapping[str, Any]) -> str:
     worst = max(parity["prefill_max_abs_diff"], parity["decode_max_abs_diff"])
     greedy = "greedy identical" if parity["greedy_match"] else "greedy differs"
     status = "pass" if parity["passed"] else "FAIL"
-    return f"{status}: max abs diff {worst:.1e}, top-1 {parity['top1_agreement']:.3f}, {greedy}"
+    return (
+        f"{status}: max abs diff {worst:.1e}, top-1 {parity['top1_agreement']:.3f}, "
+        f"mean KL {parity['mean_kl']:.1e}, {greedy}"
+    )
 
 
 def _chart(rows: Sequence[dict], path: Path) -> None:
