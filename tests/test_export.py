@@ -461,12 +461,13 @@ def test_cli_exports_a_saved_student(model, tokenizer, data_dir, tmp_path):
         "export.max_context=256",
         "export.max_new_tokens=8",
         "export.bars.int8_min_top1_agreement=0.3",
+        "export.bars.int4_min_top1_agreement=0.0",
         f"hydra.run.dir={tmp_path / 'log'}",
     ]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"] == str(student.resolve()) and len(manifest["artifacts"]) == 4
+    assert manifest["source"] == str(student.resolve()) and len(manifest["artifacts"]) == 6  # 2 graphs x 3 precisions
     bad = subprocess.run(
         [*args[:3], f"student={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'log2'}"],
         capture_output=True,

@@ -50,14 +50,15 @@ def test_smoke_student_loads_with_from_pretrained(smoke_run):
 
 
 def quick_export(tmp_path: Path, fmt: str, int8_min_top1: float = 0.3) -> list[str]:
-    """Overrides for a quick export step into ``tmp_path/export``: one format, a short context, and the int8 bar
-    relaxed for a random tiny student (near-tied logits)."""
+    """Overrides for a quick export step into ``tmp_path/export``: one format, a short context, and the int8 and int4
+    top-1 bars relaxed for a random tiny student (near-tied logits)."""
     return [
         "export=default",
         f"export.formats=[{fmt}]",
         "export.max_context=256",
         "export.max_new_tokens=8",
         f"export.bars.int8_min_top1_agreement={int8_min_top1}",
+        "export.bars.int4_min_top1_agreement=0.0",
         f"export.dir={tmp_path / 'export'}",
     ]
 
@@ -84,7 +85,7 @@ def test_text_only_student_with_csv_logger(smoke_run, tmp_path):
     assert (tmp_path / "csv").is_dir()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.model_type == "glm4"
     exported = summary["export"]["artifacts"]
-    assert {(a["format"], a["precision"]) for a in exported} == {("tflite", "fp32"), ("tflite", "int8")}
+    assert {(a["format"], a["precision"]) for a in exported} == {("tflite", p) for p in ("fp32", "int8", "int4")}
     assert all(a["passed"] for a in exported)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["source"] == str(tmp_path / "student")
