@@ -32,11 +32,10 @@ import numpy as np
 import torch
 
 from autoglm_distill.export.graphs import GraphSpec
-from autoglm_distill.export.storage import MIN_ZERO_FRACTION, weight_storage
+from autoglm_distill.export.storage import INT4_BLOCK, INT4_WEIGHTS, MIN_ZERO_FRACTION, weight_storage
 
 FORMAT = "coreml"
 PRECISIONS = ("fp16", "int8", "int4")
-INT4_BLOCK = 32
 RECIPES = {
     "int8": "coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int8, per_channel)",
     "int4": f"coremltools.optimize.coreml.linear_quantize_weights(linear_symmetric, int4, per_block {INT4_BLOCK}); "
@@ -44,7 +43,7 @@ RECIPES = {
 }
 WEIGHTS = {
     "int8": "int8 per output channel (embedding included)",
-    "int4": f"int4 in blocks of {INT4_BLOCK} (embedding and output head int8 per channel)",
+    "int4": INT4_WEIGHTS,
 }
 SPARSE_RECIPE = "coremltools.optimize.coreml.prune_weights(OpThresholdPrunerConfig(threshold=1e-12))"
 SPARSE_RECIPES = {

@@ -158,20 +158,21 @@ def fitting(goldens: Sequence[Golden], settings: ExportSettings) -> list[Golden]
     return fit
 
 
-def _shared_weights(record: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
+def _shared_weights(record: Mapping[str, Any], tmp: Path, seen: dict[Path, dict]) -> dict[str, Any]:
     """``{"weights": file, bytes, sha256, sharing figures}`` for a graph whose weights live in a file it shares with
-    the other graphs of its format and precision (ONNX external data); ``{}`` for a self-contained file."""
+    the other graphs of its format and precision (ONNX external data); ``{}`` for a self-contained file. ``seen``
+    holds the entries already made, so each shared file is hashed once."""
     if "weights_file" not in record:
         return {}
     path = Path(record["weights_file"])
-    return {
-        "weights": {
+    if path not in seen:
+        seen[path] = {
             "file": str(path.relative_to(tmp)),
             "bytes": _bytes(path),
             "sha256": sha256_of(path),
             **record["weight_sharing"],
         }
-    }
+    return {"weights": seen[path]}
 
 
 def _with_qat(quantization: dict | None, qat: dict | None, precision: str) -> dict | None:
@@ -266,7 +267,7 @@ def export_student(
 
     def write(tmp: Path) -> None:
         specs = graph_specs(model, facts)
-        artifacts, failures = [], []
+        artifacts, failures, shared = [], [], {}
         for fmt in settings.formats:
             backend = BACKENDS[fmt]
             folder = tmp / fmt
@@ -298,7 +299,7 @@ def export_student(
                             "file": str(path.relative_to(tmp)),
                             "bytes": _bytes(path),
                             "sha256": sha256_of(path),
-                            **_shared_weights(record, tmp),
+                            **_shared_weights(record, tmp, shared),
                             "signatures": record["signatures"],
                             "max_context": settings.max_context,
                             "quantization": _with_qat(record["quantization"], facts.get("qat"), precision),

@@ -21,12 +21,12 @@ import onnx
 import torch
 
 from autoglm_distill.export.graphs import GraphSpec
+from autoglm_distill.export.storage import INT4_BLOCK, INT4_WEIGHTS
 
 FORMAT = "onnx"
 PRECISIONS = ("fp32", "int8", "int4")
 OPSET = 18
 INT8_OP_TYPES = ("MatMul", "Gather")
-INT4_BLOCK = 32
 # Initializers this large or larger go to the shared weight file (onnx's own external-data threshold); the ones of
 # ALIGN_BYTES or more start at a multiple of PAGE_BYTES, so onnxruntime can memory-map them (what its own external
 # data writer does).
@@ -156,7 +156,7 @@ def _quantize_int4(src: Path, dst: Path, vocab_size: int) -> dict:
     return {
         "recipe": f"onnxruntime MatMulNBitsQuantizer (RTN, symmetric, block {INT4_BLOCK}); output head and "
         "embedding: quantize_dynamic int8",
-        "weights": f"int4 in blocks of {INT4_BLOCK} (embedding and output head int8 per channel)",
+        "weights": INT4_WEIGHTS,
         "matmulnbits": sum(n.op_type == "MatMulNBits" for n in quant.graph.node),
         "quantized_matmuls": int8["quantized_matmuls"],
         "embedding_dtype": int8["embedding_dtype"],

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from autoglm_distill.export.runner import artifact_files
+
 WARMUP_RUNS = 2
 
 
@@ -62,8 +64,8 @@ def size_rows(manifest: Mapping[str, Any]) -> list[dict]:
                 "parity": artifact["parity"],
             },
         )
-        for entry in (artifact, artifact.get("weights")):  # a weight file the graphs share counts once
-            if entry is not None and entry["file"] not in row["files"]:
+        for entry in artifact_files(artifact):  # a weight file the graphs share counts once
+            if entry["file"] not in row["files"]:
                 row["files"].append(entry["file"])
                 row["bytes"] += entry["bytes"]
     out = list(rows.values())

@@ -52,6 +52,12 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def artifact_files(artifact: dict) -> list[dict]:
+    """The manifest entries (file, bytes, sha256) an artifact needs: its own file, and the weight file it shares with
+    the other graphs of its format and precision (ONNX), when it has one."""
+    return [artifact] + ([artifact["weights"]] if "weights" in artifact else [])
+
+
 def check_files(folder: Path, manifest: dict, files: set[str]) -> None:
     """Every file about to be loaded has the size and sha256 the manifest recorded (a copy cut short or altered
     in transit fails here, naming the file, instead of giving wrong answers)."""
@@ -61,8 +67,8 @@ def check_files(folder: Path, manifest: dict, files: set[str]) -> None:
     for artifact in manifest["artifacts"]:
         if artifact["file"] not in files:
             continue
-        for entry in (artifact, artifact.get("weights")):  # the graph, and the weight file it reads (ONNX)
-            if entry is None or entry["file"] in checked:
+        for entry in artifact_files(artifact):
+            if entry["file"] in checked:
                 continue
             checked.add(entry["file"])
             path = folder / entry["file"]

@@ -13,6 +13,11 @@ from typing import Any
 
 from autoglm_distill.models import MIN_ZERO_FRACTION
 
+# int4, the same layout in every format: 4-bit symmetric blocks of INT4_BLOCK input weights; the token embedding and
+# the output head (and weights that do not split into blocks) stay int8 per channel.
+INT4_BLOCK = 32
+INT4_WEIGHTS = f"int4 in blocks of {INT4_BLOCK} (embedding and output head int8 per channel)"
+
 DENSE_FORMAT = "dense: the format/converter writes no sparse weights; zeros are stored as zeros"
 DENSE_STUDENT = f"dense: under {MIN_ZERO_FRACTION:.0%} of the student's Linear weights are zero"
 

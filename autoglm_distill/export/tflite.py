@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from autoglm_distill.export.graphs import GraphSpec
+from autoglm_distill.export.storage import INT4_BLOCK, INT4_WEIGHTS
 
 FORMAT = "tflite"
 PRECISIONS = ("fp32", "int8", "int4")
@@ -33,7 +34,6 @@ INT4_RECIPE = (
 # The output head's FULLY_CONNECTED writes the signature's logits output, which litert-torch names
 # <signature>_logits_output.
 HEAD_OUTPUT_REGEX = ".*_logits_output"
-INT4_BLOCK = 32
 
 
 def int4_recipe(path: str | os.PathLike) -> list[dict]:
@@ -161,9 +161,7 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
         result.export_model(str(path), overwrite=True)
         quantization = {
             "recipe": INT8_RECIPE if precision == "int8" else INT4_RECIPE,
-            "weights": "int8 per channel (embedding included)"
-            if precision == "int8"
-            else "int4 in blocks of 32 (embedding and output head int8 per channel)",
+            "weights": "int8 per channel (embedding included)" if precision == "int8" else INT4_WEIGHTS,
             "activations": "fp32, quantized dynamically",
         }
     write_metadata(
