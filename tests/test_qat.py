@@ -25,6 +25,7 @@ from .conftest import TINY_TEXT
 SETTINGS = ExportSettings(
     formats=("onnx", "tflite", "coreml"),
     max_context=256,
+    prefill_buckets=(64,),
     max_new_tokens=8,
     golden_prompts=2,
     latency_runs=2,

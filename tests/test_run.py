@@ -56,6 +56,7 @@ def quick_export(tmp_path: Path, fmt: str, int8_min_top1: float = 0.3) -> list[s
         "export=default",
         f"export.formats=[{fmt}]",
         "export.max_context=256",
+        "export.prefill_buckets=[64]",
         "export.max_new_tokens=8",
         f"export.bars.int8_min_top1_agreement={int8_min_top1}",
         "export.bars.int4_min_top1_agreement=0.0",
@@ -107,7 +108,8 @@ def test_smoke_run_exports_its_image_text_student(smoke_run, tmp_path):
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["model"]["architecture"] == "glm4v" and manifest["model"]["image"]["tokens"] > 0
     graphs = {g for a in manifest["artifacts"] for g in a["graphs"]}
-    assert graphs == {"vision", "prefill", "decode"} and all(a["parity"]["passed"] for a in manifest["artifacts"])
+    expected = {"vision", "prefill_64", "prefill_256", "decode", "decode_64"}
+    assert graphs == expected and all(a["parity"]["passed"] for a in manifest["artifacts"])
     # The export table and chart reach the W&B run too.
     media = tmp_path / "wandb"
     assert list(media.glob("offline-run-*/files/media/table/export/table_*.table.json"))

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from autoglm_distill import training
 from autoglm_distill.compress.sparsity import Sparsity, n_m_mask
 from autoglm_distill.data.phone import ChatEncoder, PhoneDataModule
-from autoglm_distill.export import Bars, ExportSettings, coreml, export_student, exporter, graph_specs
+from autoglm_distill.export import Bars, ExportSettings, coreml, export_student, exporter
 from autoglm_distill.export.storage import DENSE_FORMAT
 from autoglm_distill.losses import DistillationLoss
 from autoglm_distill.models import build_model, freeze, linear_weights, weight_sparsity
@@ -31,6 +31,7 @@ from .conftest import TINY_TEXT, compose_config
 STEPS = 16  # the default schedule [0.25, 0.5, 0.75] prunes after steps 4, 8 and 12; 4 more steps recover
 SETTINGS = ExportSettings(
     max_context=192,  # the synthetic golden prompts are ~160 tokens
+    prefill_buckets=(64,),  # graphs prefill_64, prefill_192, decode, decode_64
     max_new_tokens=8,
     golden_prompts=1,
     latency_runs=1,
@@ -232,17 +233,19 @@ def test_a_sparse_student_exports_and_passes_every_check(exported):
         "zero_fraction": pytest.approx(0.5, abs=1e-3),
         "pattern": "unstructured",
     }
-    assert len(manifest["artifacts"]) == 12  # onnx 2 graphs x 3 precisions, tflite 1 file x 3, coreml 1 x 3
+    assert len(manifest["artifacts"]) == 18  # onnx 4 graphs x 3 precisions, tflite 1 file x 3, coreml 1 x 3
     for artifact in manifest["artifacts"]:
         assert artifact["parity"]["passed"], artifact
         storage = artifact["weight_storage"]
         assert storage["zero_fraction"] == pytest.approx(0.5, abs=1e-3) and storage["pattern"] == "unstructured"
         if artifact["format"] == "coreml":
-            # 2 x 6 Linear weights + lm_head, stored sparse once and read by the prefill and the decode function
+            # 2 x 6 Linear weights + lm_head, stored sparse once and read by every function; a prefill function
+            # uses 8 of them (no logits: the last layer's k and v projections are all it needs of that layer)
             assert storage["sparse"] and storage["sparse_weights"] == 13 and storage["detail"].startswith("sparse:")
             for graph in artifact["graphs"]:
                 check = artifact["parity"][graph]
-                assert check["weights_sparse"] == 13 and check["weights_checked"] > 13
+                used = 8 if graph.startswith("prefill") else 13
+                assert check["weights_sparse"] == used and check["weights_checked"] > used
                 assert (check["weights_int8"] > 0) == (artifact["precision"] != "fp16")
                 assert (check["weights_int4"] > 0) == (artifact["precision"] == "int4")
         else:
@@ -268,7 +271,7 @@ def test_the_dense_claim_for_onnx_and_tflite_is_true(exported):
 def test_core_ml_sparse_packages_are_smaller_than_dense_ones_of_the_same_student(exported, tmp_path):
     student, out, manifest = exported
     facts = {**manifest["model"], "weight_sparsity": {**manifest["model"]["weight_sparsity"], "pattern": None}}
-    specs = graph_specs(student, facts)
+    specs = coreml.specs(student, facts)
     for precision in coreml.PRECISIONS:  # the same weights, written with sparsity off
         for record in coreml.write(specs, tmp_path, precision, facts):
             assert record["weight_storage"]["sparse"] is False
@@ -292,10 +295,12 @@ def test_the_sparse_structural_check_catches_a_wrong_weight(exported, precision)
     with torch.no_grad():
         weight = perturbed.model.layers[0].mlp.down_proj.weight
         weight[weight == 0] = 0.05  # the zeros the package stores as mask bits
-    specs = graph_specs(perturbed, manifest["model"])
+    specs = coreml.specs(perturbed, manifest["model"])
     artifact = next(a for a in manifest["artifacts"] if (a["format"], a["precision"]) == ("coreml", precision))
-    check = coreml.check_structure({"file": out / artifact["file"]}, specs, precision, "prefill")
+    check = coreml.check_structure({"file": out / artifact["file"]}, specs, precision, "decode")
     assert check["weights_sparse"] == 13 and check["weights_checked"] > 0
     assert not check["passed"] and check["worst_weight_error_in_tolerances"] > 1.0
-    values, _ = coreml.package_weights(out / artifact["file"], "prefill")["p_lm_head_weight_to_fp16_sparsified"]
+    weights = coreml.package_weights(out / artifact["file"], "decode")
+    (head,) = [name for name in weights if "lm_head_weight" in name and name.endswith("_sparsified")]
+    values, _ = weights[head]
     assert np.mean(values == 0) == pytest.approx(0.5, abs=1e-3)  # decoded dense, zeros filled in

@@ -228,6 +228,7 @@ def test_a_pruned_student_exports_smaller_files_that_pass_every_check(tokenizer,
     settings = ExportSettings(
         formats=("onnx",),
         max_context=256,
+        prefill_buckets=(64,),
         max_new_tokens=8,
         golden_prompts=2,
         latency_runs=2,

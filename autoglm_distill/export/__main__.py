@@ -2,7 +2,9 @@
 
 The folder is what a run saves as ``<run dir>/student`` (or any HF GLM-4 / GLM-4.1V model with its tokenizer and, for
 GLM-4.1V, image processor). Golden prompts for the parity checks come from ``data_path=<folder>/val.jsonl`` when given
-(required for a GLM-4.1V student: the screenshots fix the image size), else from built-in synthetic phone chats.
+(required for a GLM-4.1V student: the screenshots fix the image size), rendered as the run that saved the student
+rendered its episodes (its ``.hydra/config.yaml``: system prompt, history, element list), else from built-in
+synthetic phone chats.
 Output: ``export/<run name>_<time>/`` by default (``export.dir=`` overrides).
 """
 
@@ -13,15 +15,27 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from autoglm_distill import config as config_lib
+from autoglm_distill.data.episodes import EpisodeFormat
 from autoglm_distill.data.phone import ChatEncoder
+from autoglm_distill.data.prepare import episode_format
 from autoglm_distill.export.exporter import data_goldens, export_student, settings_from_config
 from autoglm_distill.models import is_image_text, load_pretrained
 
 log = logging.getLogger(__name__)
+
+
+def run_episode_format(student: Path) -> EpisodeFormat | None:
+    """How the run that saved ``student`` rendered episodes (``<run dir>/.hydra/config.yaml``, the folder above), so
+    the golden prompts read as the student's training prompts did; None for a folder no run saved."""
+    config = student.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    run = OmegaConf.load(config)
+    return episode_format(run) if "data" in run else None
 
 
 def export_folder(cfg: DictConfig) -> dict:
@@ -39,7 +53,9 @@ def export_folder(cfg: DictConfig) -> dict:
     golden = None
     if cfg.data_path:
         encoder = ChatEncoder(tokenizer, image_processor, max_length=1 << 30)
-        golden = data_goldens(Path(cfg.data_path), encoder)
+        fmt = run_episode_format(student)
+        log.info("golden prompts: %s", "as the run rendered them" if fmt else "the default episode format")
+        golden = data_goldens(Path(cfg.data_path), encoder, fmt=fmt)
     return export_student(
         model,
         tokenizer,

@@ -1,13 +1,18 @@
 """Core ML artifacts: one ``student.<precision>.mlpackage`` per precision (mlprogram, iOS 18 target), a function per
-graph (``prefill``, ``decode``, and ``vision`` for GLM-4.1V): each graph is converted on its own, then the functions
-are merged with ``coremltools.utils.save_multifunction``, which stores weights with equal values once, so the
-package holds one copy of the weights (the app picks the function with ``MLModelConfiguration.functionName``).
+graph (``prefill_<S>`` per bucket, ``decode``, and ``vision`` for GLM-4.1V): each graph is converted on its own, then
+the functions are merged with ``coremltools.utils.save_multifunction``, which stores weights with equal values once,
+so the package holds one copy of the weights (the app picks the function with ``MLModelConfiguration.functionName``).
+
+The KV cache is Core ML state (``ct.StateType``, one fp16 state per cache, ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``
+[1, KV, C, D]): the app makes one ``MLState`` with ``makeState()`` and passes it to every prefill and decode call;
+the functions read and update it in place (``read_state`` / ``write_state`` in the program). The write is a matmul
+with the one-hot positions (Core ML's converter has no scatter of several rows at a run-time position). Prefill's
+one output, ``next_input_pos`` [1], is the position after the last one written (where a next chunk starts).
 
 The graphs go through ``torch.export`` + ``run_decompositions({})`` (coremltools' torch.export path needs the core
 ATen opset) into ``coremltools.convert`` with fp16 compute precision. int8 is ``coremltools.optimize``'s
 ``linear_quantize_weights`` (symmetric, per output channel) on every parameter, embedding included; constants that
-are not weights (the causal mask, the rotary tables) stay fp16. The KV cache is a plain input/output tensor, not
-Core ML state: state needs in-place buffer updates in the traced graph, which these graphs do not do.
+are not weights (the causal mask, the rotary tables) stay fp16.
 
 Core ML cannot execute on Linux (``predict`` is macOS-only), so ``check_structure`` verifies what can be verified
 here: the package loads (``skip_model_load=True``), has the declared inputs/outputs, every weight is present in the
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoglm_distill.export.graphs import GraphSpec
+from autoglm_distill.export.graphs import GraphSpec, graph_specs
 from autoglm_distill.export.storage import INT4_BLOCK, INT4_WEIGHTS, MIN_ZERO_FRACTION, weight_storage
 
 FORMAT = "coreml"
@@ -54,6 +59,46 @@ SPARSE_RECIPES = {
 FP16_RTOL = 2.0**-10  # fp16 has an 11-bit significand: rounding is within 2^-11 relative
 
 log = logging.getLogger(__name__)
+CACHE_UPDATE = "one_hot"
+KV_CACHE = {
+    "io": "state kv_cache_k_<i> / kv_cache_v_<i> (MLState from makeState()): per layer [1, KV, C, D] float16",
+    "update": "in place in the state (read_state / write_state), written as a matmul with the one-hot positions",
+}
+
+
+class _Stateful(torch.nn.Module):
+    """A graph whose caches are buffers updated in place (``copy_``), which coremltools converts to Core ML state."""
+
+    def __init__(self, spec: GraphSpec):
+        super().__init__()
+        self.step = spec.module
+        self.states = tuple(n for n in spec.inputs if n.startswith("kv_cache_"))
+        for name in self.states:
+            self.register_buffer(name, torch.zeros_like(spec.example[name]))
+        self.logits = spec.outputs[0] == "logits"
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.step(*inputs, *(getattr(self, n) for n in self.states))
+        updated = out[1:] if self.logits else out
+        for name, value in zip(self.states, updated, strict=True):
+            getattr(self, name).copy_(value)
+        if self.logits:
+            return out[0]
+        return inputs[1][-1:] + 1  # next_input_pos: Core ML functions need an output
+
+
+def specs(model: torch.nn.Module, facts: Mapping[str, Any]) -> dict[str, GraphSpec]:
+    """The graphs with their caches as state: inputs without the caches, outputs ``logits`` (decode),
+    ``next_input_pos`` (prefill) or ``image_embeds`` (vision)."""
+    out = {}
+    for name, spec in graph_specs(model, facts, CACHE_UPDATE).items():
+        if not any(n.startswith("kv_cache_") for n in spec.inputs):
+            out[name] = spec
+            continue
+        module = _Stateful(spec).eval()
+        example = {n: t for n, t in spec.example.items() if n not in module.states}
+        out[name] = GraphSpec(name, module, example, ("logits",) if module.logits else ("next_input_pos",))
+    return out
 
 
 def converter_versions() -> dict[str, str]:
@@ -111,6 +156,8 @@ def package_weights(path, function: str = "main") -> dict[str, tuple[np.ndarray,
 
     out = {}
     for op in function.block_specializations[function.opset].operations:
+        if not op.outputs:  # write_state
+            continue
         name = op.outputs[0].name
         if op.type == "const":
             values = value(op.attributes["val"])
@@ -145,12 +192,17 @@ def _convert(spec: GraphSpec):
         ct.TensorType(name=name, shape=tuple(t.shape), dtype=np.int32 if t.dtype == torch.int32 else np.float32)
         for name, t in spec.example.items()
     ]
+    states = [
+        ct.StateType(wrapped_type=ct.TensorType(shape=tuple(getattr(spec.module, n).shape), dtype=np.float16), name=n)
+        for n in getattr(spec.module, "states", ())
+    ]
     return ct.convert(
         program,
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
         compute_precision=ct.precision.FLOAT16,
         inputs=inputs,
+        states=states,
         outputs=[ct.TensorType(name=name) for name in spec.outputs],
     )
 
@@ -239,7 +291,7 @@ def read_metadata(path) -> dict[str, str]:
 
 
 def signature(path, function: str) -> dict[str, list[dict]]:
-    """Inputs and outputs of one function of a multifunction package."""
+    """Inputs, outputs and states of one function of a multifunction package."""
     import coremltools as ct
 
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
@@ -249,12 +301,17 @@ def signature(path, function: str) -> dict[str, list[dict]]:
     def describe(features) -> list[dict]:
         out = []
         for feature in features:
-            multi = feature.type.multiArrayType
+            kind = feature.type.WhichOneof("Type")
+            multi = feature.type.stateType.arrayType if kind == "stateType" else feature.type.multiArrayType
             dtype = array.ArrayDataType.Name(multi.dataType).lower()
             out.append({"name": feature.name, "shape": [int(d) for d in multi.shape], "dtype": dtype})
         return out
 
-    return {"inputs": describe(description.input), "outputs": describe(description.output)}
+    return {
+        "inputs": describe(description.input),
+        "outputs": describe(description.output),
+        "states": describe(description.state),
+    }
 
 
 def _quiet_converter() -> None:
@@ -294,7 +351,7 @@ def _single_function(package: Path, function: str, path: Path):
     return ct.models.MLModel(spec, weights_dir=extracted.weights_dir, skip_model_load=True)
 
 
-def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
+def write(graphs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
     """Write ``student.<precision>.mlpackage``, a function per graph, the weights once. Each graph is converted (fp16)
     or quantized from the fp16 package's function (int8, int4; fp16 is written first) on its own, then the functions
     are merged."""
@@ -310,7 +367,7 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
     path = folder / f"student.{precision}.mlpackage"
     with tempfile.TemporaryDirectory(dir=folder) as parts_dir:
         parts = {}
-        for name, spec in specs.items():
+        for name, spec in graphs.items():
             if precision == "fp16":
                 model = _sparsify(_convert(spec)) if sparse else _convert(spec)
             else:
@@ -327,19 +384,19 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
             {
                 **facts,
                 "format": FORMAT,
-                "graphs": list(specs),
+                "graphs": list(graphs),
                 "precision": precision,
                 "quantization": quantization,
-                "kv_cache": "input/output tensors",
+                "kv_cache": "state",
             },
         )
         model.save(str(path))  # (MLModel.save cannot write over the package it was read from)
     return [
         {
-            "graphs": list(specs),
+            "graphs": list(graphs),
             "file": path,
             "quantization": quantization,
-            "signatures": {name: signature(path, name) for name in specs},
+            "signatures": {name: signature(path, name) for name in graphs},
             "weight_storage": weight_storage(facts, _sparse_weights(path), SPARSE_RECIPES[precision]),
         }
     ]
@@ -350,10 +407,12 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
     figures plus ``passed``."""
     spec = specs[graph]
     io = signature(record["file"], graph)
+    states = {n: list(getattr(spec.module, n).shape) for n in getattr(spec.module, "states", ())}
     io_ok = (
         [i["name"] for i in io["inputs"]] == list(spec.inputs)
         and [o["name"] for o in io["outputs"]] == list(spec.outputs)
         and all(i["shape"] == list(spec.example[i["name"]].shape) for i in io["inputs"])
+        and {s["name"]: s["shape"] for s in io["states"]} == states
     )
 
     consts = package_weights(record["file"], graph)
@@ -412,12 +471,19 @@ def check_structure(record: Mapping[str, Any], specs: Mapping[str, GraphSpec], p
     }
 
 
+def _has_effects(node: torch.fx.Node) -> bool:
+    return node.is_impure() and node.target is not torch.ops.aten._assert_tensor_metadata.default
+
+
 def used_parameters(spec: GraphSpec) -> dict[str, torch.Tensor]:
-    """The parameters the graph really uses (a prefill graph holds the whole model, vision tower included), under the
-    names torch.export gives them, which are the names the converter derives its constants' names from."""
+    """The parameters the graph really uses (a graph holds the whole model, vision tower included, and a prefill graph
+    computes no logits), under the names torch.export gives them, which are the names the converter derives its constants' names from."""
     if not hasattr(spec, "_used_parameters"):
         with torch.no_grad():
             program = torch.export.export(spec.module, tuple(spec.example.values()))
+        # Drop what no output depends on (e.g. the last layer's query and MLP in a prefill graph), as the converter
+        # does; torch.export's metadata asserts count as side effects by default and would keep it all.
+        program.graph_module.graph.eliminate_dead_code(is_impure_node=_has_effects)
         signature = program.graph_signature
         spec._used_parameters = {
             signature.inputs_to_parameters[node.name]: program.state_dict[signature.inputs_to_parameters[node.name]]
@@ -428,17 +494,19 @@ def used_parameters(spec: GraphSpec) -> dict[str, torch.Tensor]:
 
 
 def predict_parity(record: Mapping[str, Any], spec: GraphSpec, graph: str) -> dict:
-    """macOS only: run the package's ``graph`` function with Core ML on the graph's example inputs and compare with
-    PyTorch."""
+    """macOS only: run the package's ``graph`` function (a graph with ``logits``: decode) with Core ML on the graph's
+    example inputs and fresh (zero) state, and compare with PyTorch."""
     import coremltools as ct
 
     model = ct.models.MLModel(str(record["file"]), compute_units=ct.ComputeUnit.CPU_ONLY, function_name=graph)
     feeds = {name: t.numpy() for name, t in spec.example.items()}
-    out = model.predict(feeds)
-    with torch.no_grad():
-        expected = spec.module(*spec.example.values())
-    logits = np.asarray(out["logits"], dtype=np.float32)
-    reference = expected[0].float().numpy()
+    out = model.predict(feeds, state=model.make_state())
+    stateful = spec.module
+    with torch.no_grad():  # the wrapped graph on zero caches, leaving the wrapper's buffers as they are
+        zeros = [torch.zeros_like(getattr(stateful, n)) for n in stateful.states]
+        expected = stateful.step(*spec.example.values(), *zeros)[0]
+    logits = np.asarray(out["logits"], dtype=np.float32).reshape(-1)
+    reference = expected.float().numpy().reshape(-1)
     return {
         "logits_max_abs_diff": float(np.abs(logits - reference).max()),
         "top1_match": bool(int(logits.argmax()) == int(reference.argmax())),

@@ -26,17 +26,19 @@ from torch import nn
 from autoglm_distill.data.episodes import EpisodeFormat
 from autoglm_distill.data.phone import ChatEncoder, DataError, read_split
 from autoglm_distill.data.synth import sample_chats
-from autoglm_distill.export import coreml, onnx, tflite
-from autoglm_distill.export.graphs import GraphSpec, graph_specs
+from autoglm_distill.export import coreml, litertlm, onnx, tflite
+from autoglm_distill.export.graphs import GraphSpec, buckets
 from autoglm_distill.export.report import measure_latency, size_rows, write_report
 from autoglm_distill.export.storage import weight_storage
-from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, compare, judge, references
+from autoglm_distill.export.verify import Bars, ExportVerificationError, Golden, Session, compare, judge, references
 from autoglm_distill.models import decoder_parts, qat_record, weight_sparsity
 from autoglm_distill.utils import save_dir_atomic, sha256_of
 
 log = logging.getLogger(__name__)
 
 BACKENDS = {"onnx": onnx, "tflite": tflite, "coreml": coreml}
+# litertlm bundles each TFLite precision with the tokenizer and chat template (export/litertlm.py).
+FORMATS = (*BACKENDS, litertlm.FORMAT)
 MANIFEST_VERSION = 1
 
 
@@ -45,7 +47,8 @@ class ExportSettings:
     """What to export and how hard to check it (``conf/export/default.yaml`` mirrors these fields)."""
 
     max_context: int = 512
-    formats: Sequence[str] = ("onnx", "tflite", "coreml")
+    prefill_buckets: Sequence[int] = (64, 128, 256)  # prefill graphs of these lengths (those < max_context) + max_context
+    formats: Sequence[str] = ("onnx", "tflite", "litertlm", "coreml")
     quantize: bool = True  # also write the int8 and int4 artifacts
     max_new_tokens: int = 32  # greedy tokens compared per golden prompt
     golden_prompts: int = 4
@@ -54,13 +57,20 @@ class ExportSettings:
 
     def __post_init__(self):
         problems = []
-        unknown = sorted(set(self.formats) - set(BACKENDS))
+        unknown = sorted(set(self.formats) - set(FORMATS))
         if unknown:
-            problems.append(f"unknown export format(s) {unknown}; choose from {sorted(BACKENDS)}.")
+            problems.append(f"unknown export format(s) {unknown}; choose from {sorted(FORMATS)}.")
+        formats = list(self.formats)
+        if litertlm.FORMAT in formats and (
+            tflite.FORMAT not in formats or formats.index(tflite.FORMAT) > formats.index(litertlm.FORMAT)
+        ):
+            problems.append("export.formats: litertlm bundles the .tflite files, so list tflite before it.")
         if self.max_context <= self.max_new_tokens:
             problems.append(
                 f"export.max_context={self.max_context} must exceed export.max_new_tokens={self.max_new_tokens}."
             )
+        if any(int(b) < 1 for b in self.prefill_buckets):
+            problems.append(f"export.prefill_buckets={list(self.prefill_buckets)}: every bucket must be >= 1 token.")
         if problems:
             raise ValueError(" ".join(problems))
         if isinstance(self.bars, Mapping):  # from a config (DictConfig) or JSON
@@ -72,6 +82,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> ExportSettings:
     names = {f.name for f in fields(ExportSettings)}
     values = {k: v for k, v in cfg.items() if k in names}
     values["formats"] = tuple(values.get("formats", ExportSettings.formats))
+    values["prefill_buckets"] = tuple(values.get("prefill_buckets", ExportSettings.prefill_buckets))
     return ExportSettings(**values)
 
 
@@ -79,7 +90,13 @@ def _bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | None = None) -> dict[str, Any]:
+def model_facts(
+    model: nn.Module,
+    tokenizer,
+    max_context: int,
+    golden: Golden | None = None,
+    prefill_buckets: Sequence[int] = ExportSettings.prefill_buckets,
+) -> dict[str, Any]:
     """The facts a runtime needs to drive the graphs; stored in the manifest and in every file's metadata.
 
     For an image-text student ``golden`` (a prompt with its screenshot) fixes the image geometry of the graphs."""
@@ -91,6 +108,7 @@ def model_facts(model: nn.Module, tokenizer, max_context: int, golden: Golden | 
         "producer": "autoglm_distill",
         "architecture": model.config.model_type,
         "max_context": max_context,
+        "prefill_buckets": buckets(prefill_buckets, max_context),
         "vocab_size": cfg.vocab_size,
         "num_layers": cfg.num_hidden_layers,
         "num_kv_heads": cfg.num_key_value_heads,
@@ -198,7 +216,7 @@ def _runtime(fmt: str, records: Sequence[Mapping], specs: Mapping[str, GraphSpec
     def find(graph: str) -> Mapping:
         return next(r for r in records if graph in r["graphs"])
 
-    return {g: BACKENDS[fmt].load(find(g), g, spec.inputs, spec.outputs) for g, spec in specs.items()}
+    return {g: BACKENDS[fmt].load(find(g), spec) for g, spec in specs.items()}
 
 
 def _check(fmt: str, precision: str, records, specs, graphs, refs, facts, bars: Bars) -> dict:
@@ -212,6 +230,46 @@ def _check(fmt: str, precision: str, records, specs, graphs, refs, facts, bars: 
         "runtime": "onnxruntime CPU EP" if fmt == "onnx" else "ai_edge_litert Interpreter",
         **judge(figures, precision, bars),
     }
+
+
+def _bundles(tmp, artifacts, runtimes, tokenizer, goldens, facts, settings) -> tuple[list[dict], list[str]]:
+    """A LiteRT-LM bundle per TFLite artifact written so far, each run in the LiteRT-LM engine: manifest entries and
+    failures."""
+    out, failures = [], []
+    folder = tmp / litertlm.FORMAT
+    folder.mkdir()
+    versions = litertlm.converter_versions()
+    for artifact in [a for a in artifacts if a["format"] == tflite.FORMAT]:
+        precision = artifact["precision"]
+        start = time.perf_counter()
+        path = folder / f"student.{precision}.litertlm"
+        record = litertlm.write(tmp / artifact["file"], tmp / "tokenizer", path, facts)
+        session = Session(runtimes[(tflite.FORMAT, precision)], facts)
+        expected = [session.generate(g, settings.max_new_tokens, facts["eos_token_ids"]) for g in goldens]
+        parity = litertlm.check(path, tokenizer, goldens, expected, facts)
+        log.info(
+            "export: litertlm %s: %s in %.1f s",
+            precision,
+            "passed" if parity["passed"] else "FAILED",
+            time.perf_counter() - start,
+        )
+        if not parity["passed"]:
+            failures.append(f"litertlm {precision}: {json.dumps(parity)}")
+        out.append(
+            {
+                **{k: artifact[k] for k in ("precision", "graphs", "signatures", "max_context", "kv_cache")},
+                **{k: artifact[k] for k in ("quantization", "weight_storage")},
+                "format": litertlm.FORMAT,
+                "file": str(path.relative_to(tmp)),
+                "bytes": _bytes(path),
+                "sha256": sha256_of(path),
+                "contents": record["contents"],
+                "converter": versions,
+                "parity": parity,
+                "cpu_latency_ms": None,
+            }
+        )
+    return out, failures
 
 
 def export_student(
@@ -252,7 +310,7 @@ def export_student(
         encoder = ChatEncoder(tokenizer, None, max_length=1 << 30)
         golden = [Golden(encoder.encode_prompt(chat, Path("."))[0]) for chat in sample_chats(settings.golden_prompts)]
     goldens = fitting([g if isinstance(g, Golden) else Golden(list(g)) for g in golden], settings)
-    facts = model_facts(model, tokenizer, settings.max_context, goldens[0])
+    facts = model_facts(model, tokenizer, settings.max_context, goldens[0], settings.prefill_buckets)
     log.info(
         "export: %d golden prompts (%s tokens), max_context %d%s",
         len(goldens),
@@ -266,10 +324,22 @@ def export_student(
     manifest: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        specs = graph_specs(model, facts)
-        artifacts, failures, shared = [], [], {}
+        artifacts, failures, shared, runtimes, not_built = [], [], {}, {}, {}
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp / "tokenizer")
         for fmt in settings.formats:
+            if fmt == litertlm.FORMAT:
+                if "image" in facts:
+                    not_built[fmt] = litertlm.NOT_FOR_IMAGES
+                    log.warning("export: no LiteRT-LM bundle: %s", litertlm.NOT_FOR_IMAGES)
+                    continue
+                bundles, bundle_failures = _bundles(tmp, artifacts, runtimes, tokenizer, goldens, facts, settings)
+                artifacts += bundles
+                failures += bundle_failures
+                continue
             backend = BACKENDS[fmt]
+            specs = backend.specs(model, facts)
             folder = tmp / fmt
             folder.mkdir()
             precisions = backend.PRECISIONS if settings.quantize else backend.PRECISIONS[:1]
@@ -279,6 +349,7 @@ def export_student(
                 log.info("export: %s %s: converting", fmt, precision)
                 records = backend.write(specs, folder, precision, facts)
                 graphs = None if fmt == "coreml" else _runtime(fmt, records, specs)  # Core ML runs on macOS only
+                runtimes[(fmt, precision)] = graphs
                 parity = _check(fmt, precision, records, specs, graphs, refs, facts, settings.bars)
                 seconds = time.perf_counter() - start
                 log.info(
@@ -302,6 +373,7 @@ def export_student(
                             **_shared_weights(record, tmp, shared),
                             "signatures": record["signatures"],
                             "max_context": settings.max_context,
+                            "kv_cache": backend.KV_CACHE if any(g != "vision" for g in record["graphs"]) else None,
                             "quantization": _with_qat(record["quantization"], facts.get("qat"), precision),
                             "weight_storage": record.get("weight_storage") or weight_storage(facts),
                             "converter": versions,
@@ -314,9 +386,6 @@ def export_student(
                 "export failed its parity checks (nothing was written):\n  " + "\n  ".join(failures),
                 {"artifacts": artifacts},
             )
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        if image_processor is not None:
-            image_processor.save_pretrained(tmp / "tokenizer")
         manifest.update(
             {
                 "manifest_version": MANIFEST_VERSION,
@@ -335,6 +404,7 @@ def export_student(
                     "bars": asdict(settings.bars),
                 },
                 "artifacts": artifacts,
+                "not_built": not_built,
             }
         )
         # What each format + precision takes on disk, every file once (ONNX graphs share their weight file).

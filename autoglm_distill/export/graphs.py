@@ -1,27 +1,30 @@
 """Fixed-shape graphs around a HF GLM-4 (``Glm4ForCausalLM``) or GLM-4.1V (``Glm4vForConditionalGeneration``)
-student, with the KV cache as plain tensors.
+student, with a fixed-size KV cache per layer that each graph updates at the positions it is given.
 
 The wrappers reuse the HF model's own weights and modules (embedding, norms, projections, MLP, ``lm_head``) but do
-the attention themselves: rotary embedding from a precomputed cos/sin table indexed by position, an explicit additive
-causal mask built from positions, GQA by repeating the kv heads, and cache writes as a one-hot ``where``. There are no
-data-dependent shapes, so the same graphs serve ONNX, TFLite and Core ML converters.
+the attention themselves: rotary embedding from a precomputed cos/sin table indexed by position, an additive causal
+mask built from the positions, GQA by repeating the kv heads. There are no data-dependent shapes, so the same graphs
+serve the ONNX, TFLite and Core ML converters; only the cache write differs per backend (``CACHE_UPDATES``).
 
-Shapes (``L`` layers, ``KV`` kv heads, ``C`` = ``max_context``, ``D`` head dim, ``V`` vocabulary):
+Shapes (``L`` layers, ``KV`` kv heads, ``C`` = ``max_context``, ``D`` head dim, ``V`` vocabulary, ``S`` a prefill
+bucket), LiteRT-LM's names and order:
 
-* prefill: ``input_ids`` int32 ``[1, C]`` (right-padded), ``length`` int32 ``[1]`` ->
-  ``logits`` float32 ``[1, V]`` (last real position), ``k_cache`` / ``v_cache`` float32 ``[L, KV, C, D]``.
-* decode: ``token`` int32 ``[1, 1]``, ``position`` int32 ``[1]``, ``k_cache``, ``v_cache`` ->
-  ``logits`` ``[1, V]`` and the caches with the new token's k/v written at ``position`` (exported as
-  ``k_cache_out`` / ``v_cache_out``: ONNX names cannot repeat an input's name).
+* ``prefill_<S>``: ``tokens`` int32 [1, S], ``input_pos`` int32 [S] (consecutive), ``kv_cache_k_0``,
+  ``kv_cache_v_0``, ... ``kv_cache_v_{L-1}`` float32 [1, KV, C, D] -> the caches with the S tokens' k/v written at
+  ``input_pos``. A prompt shorter than S is right-padded; a longer one runs in chunks (``input_pos`` continues).
+* ``decode``: ``tokens`` [1, 1], ``input_pos`` [1], the caches -> ``logits`` float32 [1, 1, V] and the caches.
+* ``decode_<W>`` per bucket W below C: the same, attending to the first W cache positions only (``input_pos < W``),
+  so a step costs what the context needs rather than what C allows.
 
-GLM-4.1V students add a ``vision`` graph (``pixel_values`` [N, 3*T*P*P] of one screenshot of a fixed size ->
-``image_embeds`` [M, H]); their prefill also takes ``image_embeds`` and ``image_start`` [1] (the index of the first
-of the M image tokens in the prompt), their decode also ``rope_position`` [1] (see ``Glm4vPrefillGraph``).
+A prompt is run as LiteRT-LM runs it: all tokens but the last through prefill, the last through decode, whose logits
+pick the first new token. GLM-4.1V students add a ``vision`` graph (``pixel_values`` [N, 3*T*P*P] of one screenshot
+of a fixed size -> ``image_embeds`` [M, H]); their prefill also takes ``image_embeds`` and ``image_start`` int32 [1]
+(the index of the first of the M image tokens in the prompt; see ``Glm4vPrefillGraph``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +37,11 @@ from autoglm_distill.models import decoder_parts
 # -1e9 would round to -inf there) and far enough below any real score that its softmax weight is exactly 0.
 MASK_VALUE = -1e4
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+# How a graph writes the new k/v into a cache: index_put (ONNX ScatterND), LiteRT's dynamic_update_slice (done in
+# place by LiteRT), or one_hot (a matmul with the one-hot positions: Core ML converts no scatter of several rows).
+CACHE_UPDATES = ("index_put", "dynamic_update_slice", "one_hot")
 
 VISION_OUTPUTS = ("image_embeds",)
-PREFILL_OUTPUTS = ("logits", "k_cache", "v_cache")
-# ONNX names are SSA: an output cannot reuse the input name, so the updated caches get an ``_out`` suffix.
-DECODE_OUTPUTS = ("logits", "k_cache_out", "v_cache_out")
 
 
 def _rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
@@ -54,9 +57,13 @@ class _Glm4Graph(nn.Module):
     GLM-4.1V's multimodal rotary, where each section of the rotary frequencies takes its angle from one row.
     """
 
-    def __init__(self, model: nn.Module, max_context: int):
+    def __init__(self, model: nn.Module, max_context: int, update: str = "index_put", window: int | None = None):
         super().__init__()
+        if update not in CACHE_UPDATES:
+            raise ValueError(f"cache update {update!r}: choose from {CACHE_UPDATES}")
         text, lm_head, cfg = decoder_parts(model)
+        self.update = update
+        self.window = int(window or max_context)
         self.model = model
         self.text = text
         self.lm_head = lm_head
@@ -86,7 +93,8 @@ class _Glm4Graph(nn.Module):
         self.register_buffer("key_positions", torch.arange(self.max_context, dtype=torch.int64), persistent=False)
 
     def cache_shape(self) -> tuple[int, int, int, int]:
-        return (self.num_layers, self.num_kv_heads, self.max_context, self.head_dim)
+        """One layer's k (or v) cache."""
+        return (1, self.num_kv_heads, self.max_context, self.head_dim)
 
     def _angles(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[1, 1, S, R] cos or sin for positions [P, S], each frequency repeated for its interleaved pair."""
@@ -104,19 +112,31 @@ class _Glm4Graph(nn.Module):
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         return torch.cat((rot * cos + _rotate_half_interleaved(rot) * sin, rest), dim=-1)
 
+    def _write(self, cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """``cache`` [1, KV, C, D] with ``new`` [1, KV, S, D] written at positions ``input_pos`` [S] (consecutive)."""
+        if self.update == "dynamic_update_slice":  # LiteRT's in-place cache write (a tfl.dynamic_update_slice)
+            from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
+            zero = torch.zeros((), dtype=torch.int32)
+            return dynamic_update_slice(cache, new, [zero, zero, input_pos[0].reshape(()).int(), zero])
+        if self.update == "one_hot":  # a matmul with the one-hot [S, C] of the positions (Core ML: no scatter of S rows)
+            hit = (self.key_positions[None, :] == input_pos.long()[:, None]).to(new.dtype)  # [S, C]
+            keep = 1.0 - hit.sum(0)[:, None]  # [C, 1]
+            return cache * keep + torch.matmul(hit.transpose(0, 1), new)
+        return torch.ops.aten.index_put(cache, [None, None, input_pos.long()], new)
+
     def _layers(
-        self,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor,
-        write: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run every layer on ``hidden`` [1, S, H] at rotary ``positions`` [P, S] under ``mask``; ``write`` turns
-        the new per-layer k/v [KV, S, D] into that layer's full cache [KV, C, D] (the keys attended to)."""
+        self, hidden: torch.Tensor, input_pos: torch.Tensor, rotary: torch.Tensor, caches: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run every layer on ``hidden`` [1, S, H] at cache positions ``input_pos`` [S] and rotary positions
+        ``rotary`` [P, S]: each layer writes its new k/v into its caches (``caches`` = k_0, v_0, k_1, ... each
+        [1, KV, C, D]) and attends to the first ``window`` cache positions, key j visible to the query at position p
+        iff j <= p. Returns the hidden states and the updated caches."""
         seq = hidden.shape[1]
-        cos, sin = self._angles(self.cos_table, positions), self._angles(self.sin_table, positions)
+        cos, sin = self._angles(self.cos_table, rotary), self._angles(self.sin_table, rotary)
+        mask = self._mask(input_pos.long())
         groups = self.num_heads // self.num_kv_heads
-        ks, vs = [], []
+        updated = []
         for index, layer in enumerate(self.text.layers):
             attn = layer.self_attn
             residual = hidden
@@ -126,88 +146,84 @@ class _Glm4Graph(nn.Module):
             v = attn.v_proj(x).view(1, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            k_all, v_all = write(k[0], v[0], index)  # [KV, C, D]
-            ks.append(k_all)
-            vs.append(v_all)
-            k_rep = k_all.repeat_interleave(groups, dim=0)[None]  # [1, H, C, D]
-            v_rep = v_all.repeat_interleave(groups, dim=0)[None]
-            scores = torch.matmul(q, k_rep.transpose(2, 3)) * self.scaling + mask
+            k_cache = self._write(caches[2 * index], k, input_pos)
+            v_cache = self._write(caches[2 * index + 1], v, input_pos)
+            updated += [k_cache, v_cache]
+            k_all, v_all = self._window(k_cache), self._window(v_cache)
+            # Transposed before the repeat: litert-torch 0.10 lowers matmul(q, repeat(k).transpose) wrongly (the
+            # scores came out wrong by up to 20 on a 2-head student; ONNX was right).
+            k_rep = k_all.transpose(2, 3).repeat_interleave(groups, dim=1)  # [1, H, D, W]
+            v_rep = v_all.repeat_interleave(groups, dim=1)  # [1, H, W, D]
+            scores = torch.matmul(q, k_rep) * self.scaling + mask
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out = torch.matmul(probs, v_rep).transpose(1, 2).reshape(1, seq, self.num_heads * self.head_dim)
             hidden = residual + layer.post_self_attn_layernorm(attn.o_proj(out))
             residual = hidden
             x = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = residual + layer.post_mlp_layernorm(x)
-        return hidden, torch.stack(ks), torch.stack(vs)
+        return hidden, updated
 
-    def _prompt_mask(self, length: torch.Tensor) -> torch.Tensor:
-        """The causal [1, 1, C, C] mask of a prompt. The query positions are shifted by min(length, 0), which is 0
-        for any real prompt but unknown to the converters: with constant positions they fold the mask into a C x C
-        constant stored in the file (1 MB at C = 512 in fp32), which dominates a small student's int8 artifact."""
-        return self._mask(self.key_positions + torch.clamp(length.long(), max=0))
+    def _window(self, cache: torch.Tensor) -> torch.Tensor:
+        # a full-width slice exports as aten.alias, which Core ML rejects
+        return cache if self.window == self.max_context else cache[:, :, : self.window]
 
     def _mask(self, query_positions: torch.Tensor) -> torch.Tensor:
-        """[1, 1, S, C] additive mask: key j is visible to a query at position p iff j <= p."""
-        hidden = self.key_positions[None, :] > query_positions[:, None]
-        # Arithmetic rather than where(allowed, 0, MASK_VALUE): Core ML broadcasts where's scalars to two S x C
+        """[1, 1, S, W] additive mask: key j is visible to a query at position p iff j <= p."""
+        hidden = self.key_positions[None, : self.window] > query_positions[:, None]
+        # Arithmetic rather than where(allowed, 0, MASK_VALUE): Core ML broadcasts where's scalars to two S x W
         # constants and stores them.
         return (hidden.to(torch.float32) * MASK_VALUE)[None, None]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.text.norm(hidden))[:, 0, :]
+        return self.lm_head(self.text.norm(hidden))  # [1, S, V]
+
+    def _rotary(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return input_pos.long()[None].expand(3 if self.multimodal_rope else 1, -1)
 
 
 class PrefillGraph(_Glm4Graph):
-    """``(input_ids [1, C] int32, length [1] int32) -> (logits [1, V], k_cache, v_cache [L, KV, C, D])``."""
+    """``(tokens [1, S], input_pos [S], k_0, v_0, ..., k_{L-1}, v_{L-1}) -> (k_0, v_0, ...)``: ``S`` prompt tokens
+    written into the caches at ``input_pos`` (``input_pos[0] + S <= C``; padding tokens past the prompt write slots
+    that decode overwrites before any query sees them). No logits: the last prompt token goes through decode."""
 
-    def forward(self, input_ids: torch.Tensor, length: torch.Tensor):
-        positions = self.key_positions
-        hidden = self.text.embed_tokens(input_ids.long())
-        rotary = positions[None].expand(3 if self.multimodal_rope else 1, -1)
-        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._prompt_mask(length), _whole_prompt)
-        return self._last_logits(hidden, length), k_cache, v_cache
+    def __init__(self, model: nn.Module, max_context: int, tokens: int, update: str = "index_put"):
+        super().__init__(model, max_context, update)
+        self.tokens = int(tokens)
 
-    def _last_logits(self, hidden: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        return self._logits(hidden.index_select(1, length.long() - 1))  # [1, 1, H] -> [1, V]
-
-
-def _whole_prompt(k: torch.Tensor, v: torch.Tensor, index: int):
-    return k, v  # the prompt fills the whole cache; positions >= length are don't-care
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *caches: torch.Tensor):
+        hidden = self.text.embed_tokens(tokens.long())
+        return tuple(self._layers(hidden, input_pos, self._rotary(input_pos), caches)[1])
 
 
 class DecodeGraph(_Glm4Graph):
-    """``(token [1, 1], position [1], k_cache, v_cache) -> (logits [1, V], k_cache, v_cache)`` (new k/v at
-    ``position``)."""
+    """``(tokens [1, 1], input_pos [1], k_0, v_0, ...) -> (logits [1, 1, V], k_0, v_0, ...)``: one token at
+    ``input_pos``, attending to the first ``window`` cache positions (``input_pos < window``; the default window is
+    the whole cache)."""
 
-    def forward(self, token: torch.Tensor, position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        return self._step(token, position, position, k_cache, v_cache)
+    def __init__(self, model, max_context, update: str = "index_put", window: int | None = None):
+        super().__init__(model, max_context, update, window)
 
-    def _step(self, token, position, rope_position, k_cache, v_cache):
-        slot = position.long()
-        hidden = self.text.embed_tokens(token.long())
-        at = (self.key_positions == slot)[None, :, None]  # [1, C, 1]
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *caches: torch.Tensor):
+        return self._step(tokens, input_pos, self._rotary(input_pos), caches)
 
-        def write(k: torch.Tensor, v: torch.Tensor, index: int):
-            return torch.where(at, k, k_cache[index]), torch.where(at, v, v_cache[index])
-
-        rotary = rope_position.long()[None].expand(3 if self.multimodal_rope else 1, -1)
-        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._mask(slot), write)
-        return self._logits(hidden), k_cache, v_cache
+    def _step(self, tokens, input_pos, rotary, caches):
+        hidden, updated = self._layers(self.text.embed_tokens(tokens.long()), input_pos, rotary, caches)
+        return (self._logits(hidden), *updated)
 
 
 class Glm4vPrefillGraph(PrefillGraph):
     """GLM-4.1V prefill over a prompt with one screenshot:
-    ``(input_ids [1, C], length [1], image_embeds [M, H], image_start [1]) -> (logits, k_cache, v_cache)``.
+    ``(tokens [1, S], input_pos [S], image_embeds [M, H], image_start [1], k_0, v_0, ...) -> (k_0, v_0, ...)``.
 
     The prompt holds ``M`` image placeholder tokens from ``image_start`` on; their embeddings are replaced by
     ``image_embeds`` (the vision graph's output). Rotary positions follow GLM-4.1V's multimodal rope: text before the
     image counts 0, 1, ...; image token ``j`` (row ``j // gw``, column ``j % gw`` of the merged ``gh x gw`` grid) sits
-    at (start, start + row, start + col); text after it resumes at ``start + max(gh, gw)``. Decoding after the image
-    therefore uses ``rope_position = position + rope_delta`` with ``rope_delta = max(gh, gw) - M``.
+    at (start, start + row, start + col); text after it resumes at ``start + max(gh, gw)``: position + ``rope_delta``
+    with ``rope_delta = max(gh, gw) - M``, which decode adds to every position (it always follows the image).
     """
 
-    def __init__(self, model: nn.Module, max_context: int, merged_grid: tuple[int, int]):
-        super().__init__(model, max_context)
+    def __init__(self, model, max_context, tokens, merged_grid: tuple[int, int], update: str = "index_put"):
+        super().__init__(model, max_context, tokens, update)
         self.grid_h, self.grid_w = (int(n) for n in merged_grid)
         self.image_tokens = self.grid_h * self.grid_w
         self.rope_delta = max(self.grid_h, self.grid_w) - self.image_tokens
@@ -216,13 +232,13 @@ class Glm4vPrefillGraph(PrefillGraph):
         self.register_buffer("image_row", token // self.grid_w, persistent=False)
         self.register_buffer("image_col", token % self.grid_w, persistent=False)
 
-    def forward(self, input_ids, length, image_embeds, image_start):
-        index = self.key_positions
+    def forward(self, tokens, input_pos, image_embeds, image_start, *caches):
+        index = input_pos.long()
         relative = index - image_start.long()
         in_image = torch.logical_and(relative >= 0, relative < self.image_tokens)
         j = relative.clamp(0, self.image_tokens - 1)
         text = torch.where(relative >= self.image_tokens, index + self.rope_delta, index)
-        start = image_start.long().expand(self.max_context)
+        start = image_start.long().expand(self.tokens)
         rotary = torch.stack(
             (
                 torch.where(in_image, start, text),
@@ -230,18 +246,22 @@ class Glm4vPrefillGraph(PrefillGraph):
                 torch.where(in_image, start + self.image_col.index_select(0, j), text),
             )
         )
-        embeds = self.text.embed_tokens(input_ids.long())[0]
+        embeds = self.text.embed_tokens(tokens.long())[0]
         hidden = torch.where(in_image[:, None], image_embeds.index_select(0, j).to(embeds.dtype), embeds)[None]
-        hidden, k_cache, v_cache = self._layers(hidden, rotary, self._prompt_mask(length), _whole_prompt)
-        return self._last_logits(hidden, length), k_cache, v_cache
+        return tuple(self._layers(hidden, input_pos, rotary, caches)[1])
 
 
 class Glm4vDecodeGraph(DecodeGraph):
-    """``(token, position, rope_position [1], k_cache, v_cache) -> (logits, k_cache, v_cache)``: the cache slot and
-    the rotary position differ after an image (see ``Glm4vPrefillGraph``)."""
+    """GLM-4.1V decode after a prompt with one screenshot: as ``DecodeGraph``, at rotary position
+    ``input_pos + rope_delta`` (see ``Glm4vPrefillGraph``)."""
 
-    def forward(self, token, position, rope_position, k_cache, v_cache):
-        return self._step(token, position, rope_position, k_cache, v_cache)
+    def __init__(self, model, max_context, merged_grid, update: str = "index_put", window: int | None = None):
+        super().__init__(model, max_context, update, window)
+        grid_h, grid_w = (int(n) for n in merged_grid)
+        self.rope_delta = max(grid_h, grid_w) - grid_h * grid_w
+
+    def forward(self, tokens, input_pos, *caches):
+        return self._step(tokens, input_pos, self._rotary(input_pos + self.rope_delta), caches)
 
 
 class VisionGraph(nn.Module):
@@ -310,6 +330,19 @@ class VisionGraph(nn.Module):
         return visual.merger(x)
 
 
+def cache_names(num_layers: int) -> tuple[str, ...]:
+    """The caches' names, as LiteRT-LM names them: kv_cache_k_0, kv_cache_v_0, kv_cache_k_1, ... (inputs, and the
+    updated caches as outputs; ONNX and Core ML rename them, see ``io_names`` in those backends)."""
+    return tuple(f"kv_cache_{kv}_{i}" for i in range(num_layers) for kv in "kv")
+
+
+def buckets(prefill_buckets: Sequence[int], max_context: int) -> list[int]:
+    """The prefill lengths to build: the configured ones below ``max_context``, and ``max_context`` itself."""
+    if any(int(b) < 1 for b in prefill_buckets):
+        raise ValueError(f"export.prefill_buckets={list(prefill_buckets)}: every bucket must be >= 1 token")
+    return sorted({int(b) for b in prefill_buckets if int(b) < max_context} | {int(max_context)})
+
+
 @dataclass
 class GraphSpec:
     """One graph to convert: the module, example inputs (by name, in order) and output names."""
@@ -324,47 +357,55 @@ class GraphSpec:
         return tuple(self.example)
 
 
-def graph_modules(model: nn.Module, facts: Mapping[str, Any]) -> dict[str, nn.Module]:
-    """The eval-mode graph wrappers of ``model``: prefill and decode, plus vision for an image-text student
-    (``facts["image"]`` gives its fixed grid)."""
+def graph_modules(
+    model: nn.Module, facts: Mapping[str, Any], update: str = "index_put"
+) -> dict[str, nn.Module]:
+    """The eval-mode graph wrappers of ``model``: ``prefill_<S>`` per prefill bucket (``facts["prefill_buckets"]``, default: one
+    of ``max_context``), ``decode`` and ``decode_<W>`` (attending to the first W cache positions) per bucket below
+    ``max_context``, plus ``vision`` for an image-text student (``facts["image"]`` gives its fixed grid)."""
     context = int(facts["max_context"])
+    lengths = facts.get("prefill_buckets") or [context]
+    windows = [n for n in lengths if n < context]
     image = facts.get("image")
     if image is None:
-        return {"prefill": PrefillGraph(model, context).eval(), "decode": DecodeGraph(model, context).eval()}
-    return {
-        "vision": VisionGraph(model, tuple(image["grid_thw"])).eval(),
-        "prefill": Glm4vPrefillGraph(model, context, tuple(image["merged_grid"])).eval(),
-        "decode": Glm4vDecodeGraph(model, context).eval(),
-    }
+        modules = {
+            **{f"prefill_{n}": PrefillGraph(model, context, n, update) for n in lengths},
+            "decode": DecodeGraph(model, context, update),
+            **{f"decode_{n}": DecodeGraph(model, context, update, window=n) for n in windows},
+        }
+    else:
+        grid = tuple(image["merged_grid"])
+        modules = {
+            "vision": VisionGraph(model, tuple(image["grid_thw"])),
+            **{f"prefill_{n}": Glm4vPrefillGraph(model, context, n, grid, update) for n in lengths},
+            "decode": Glm4vDecodeGraph(model, context, grid, update),
+            **{f"decode_{n}": Glm4vDecodeGraph(model, context, grid, update, window=n) for n in windows},
+        }
+    return {name: module.eval() for name, module in modules.items()}
 
 
-def graph_specs(model: nn.Module, facts: Mapping[str, Any]) -> dict[str, GraphSpec]:
+def graph_specs(model: nn.Module, facts: Mapping[str, Any], update: str = "index_put") -> dict[str, GraphSpec]:
     """``graph_modules`` with fixed-shape example inputs and the documented input/output names."""
-    modules = graph_modules(model, facts)
-    c = int(facts["max_context"])
-    prefill = modules["prefill"]
-    prefill_example = {
-        "input_ids": torch.zeros((1, c), dtype=torch.int32),
-        "length": torch.tensor([max(c // 2, 1)], dtype=torch.int32),
-    }
-    decode_example = {
-        "token": torch.zeros((1, 1), dtype=torch.int32),
-        "position": torch.tensor([c // 2], dtype=torch.int32),
-    }
+    modules = graph_modules(model, facts, update)
+    decode = modules["decode"]
+    caches = cache_names(decode.num_layers)
+    # Distinct cache tensors: torch.export treats one tensor passed twice as an alias.
+    cache_example = {name: torch.zeros(decode.cache_shape(), dtype=torch.float32) for name in caches}
     specs = {}
     image = facts.get("image")
-    if image is not None:
-        vision = modules["vision"]
-        hidden = prefill.text.embed_tokens.embedding_dim
-        specs["vision"] = GraphSpec(
-            "vision", vision, {"pixel_values": torch.zeros((vision.num_patches, image["patch_dim"]))}, VISION_OUTPUTS
-        )
-        prefill_example["image_embeds"] = torch.zeros((prefill.image_tokens, hidden))
-        prefill_example["image_start"] = torch.tensor([1], dtype=torch.int32)
-        decode_example["rope_position"] = torch.tensor([c // 2], dtype=torch.int32)
-    # Two distinct cache tensors: torch.export treats one tensor passed twice as an alias.
-    decode_example["k_cache"] = torch.zeros(prefill.cache_shape(), dtype=torch.float32)
-    decode_example["v_cache"] = torch.zeros(prefill.cache_shape(), dtype=torch.float32)
-    specs["prefill"] = GraphSpec("prefill", prefill, prefill_example, PREFILL_OUTPUTS)
-    specs["decode"] = GraphSpec("decode", modules["decode"], decode_example, DECODE_OUTPUTS)
+    for name, module in modules.items():
+        if name == "vision":
+            example = {"pixel_values": torch.zeros((module.num_patches, image["patch_dim"]))}
+            specs[name] = GraphSpec(name, module, example, VISION_OUTPUTS)
+            continue
+        n = getattr(module, "tokens", 1)
+        example = {
+            "tokens": torch.zeros((1, n), dtype=torch.int32),
+            "input_pos": torch.arange(n, dtype=torch.int32) + (module.window // 2 if n == 1 else 0),
+        }
+        if image is not None and name.startswith("prefill_"):
+            example["image_embeds"] = torch.zeros((module.image_tokens, module.text.embed_tokens.embedding_dim))
+            example["image_start"] = torch.tensor([1], dtype=torch.int32)
+        outputs = caches if name.startswith("prefill_") else ("logits", *caches)
+        specs[name] = GraphSpec(name, module, {**example, **cache_example}, outputs)
     return specs

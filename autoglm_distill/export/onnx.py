@@ -1,10 +1,12 @@
 """ONNX artifacts: ``torch.onnx.export(dynamo=True)`` per graph; fp32, dynamic int8 and int4 (``MatMulNBits``, blocks
 of 32) by onnxruntime's quantization tools.
 
-Files per precision: ``prefill.<precision>.onnx`` and ``decode.<precision>.onnx`` (nodes and small constants) and
-``weights.<precision>.bin``, the weights both graphs read, stored once: ONNX external data (each large initializer
-points at an offset and length in it), so onnxruntime loads each graph from its own path with no extra step. Key
-facts go into each graph's ``metadata_props``.
+Files per precision: ``<graph>.<precision>.onnx`` per graph (``prefill_<S>`` per bucket, ``decode``: nodes and small
+constants) and ``weights.<precision>.bin``, the weights every graph reads, stored once: ONNX external data (each
+large initializer points at an offset and length in it), so onnxruntime loads each graph from its own path with no
+extra step. The caches take ONNX Runtime GenAI's names: ``past_key_values.<i>.key`` / ``.value`` in,
+``present.<i>.key`` / ``.value`` out (an ONNX output cannot reuse an input's name); the write is a ``ScatterND`` at
+``input_pos``. Key facts go into each graph's ``metadata_props``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from autoglm_distill.export.graphs import GraphSpec
+from autoglm_distill.export.graphs import GraphSpec, graph_specs
 from autoglm_distill.export.storage import INT4_BLOCK, INT4_WEIGHTS
 
 FORMAT = "onnx"
@@ -33,6 +35,31 @@ INT8_OP_TYPES = ("MatMul", "Gather")
 SHARED_MIN_BYTES = 1024
 ALIGN_BYTES = 1 << 20
 PAGE_BYTES = 4096
+
+
+CACHE_UPDATE = "index_put"
+KV_CACHE = {
+    "io": "inputs past_key_values.<i>.key / .value, outputs present.<i>.key / .value: per layer [1, KV, C, D] float32",
+    "update": "ScatterND at input_pos; onnxruntime writes the outputs to new buffers: feed present.* back as the "
+    "next past_key_values.*",
+}
+
+
+def specs(model: torch.nn.Module, facts: Mapping[str, Any]) -> dict[str, GraphSpec]:
+    return graph_specs(model, facts, CACHE_UPDATE)
+
+
+def _onnx_name(name: str, output: bool) -> str:
+    """kv_cache_k_3 -> past_key_values.3.key (an input) or present.3.key (an output); other names unchanged."""
+    if not name.startswith("kv_cache_"):
+        return name
+    kv, layer = name[len("kv_cache_") :].split("_")
+    return f"{'present' if output else 'past_key_values'}.{layer}.{'key' if kv == 'k' else 'value'}"
+
+
+def io_names(spec: GraphSpec) -> tuple[list[str], list[str]]:
+    """The graph's input and output names in the ONNX file."""
+    return [_onnx_name(n, False) for n in spec.inputs], [_onnx_name(n, True) for n in spec.outputs]
 
 
 def converter_versions() -> dict[str, str]:
@@ -80,14 +107,15 @@ def write_metadata(path: str | os.PathLike, facts: Mapping[str, Any]) -> None:
 
 
 def _export(spec: GraphSpec, path: Path) -> None:
+    input_names, output_names = io_names(spec)
     with torch.no_grad():
         torch.onnx.export(
             spec.module,
             tuple(spec.example.values()),
             str(path),
             dynamo=True,
-            input_names=list(spec.inputs),
-            output_names=list(spec.outputs),
+            input_names=input_names,
+            output_names=output_names,
             opset_version=OPSET,
             external_data=False,
             verbose=False,
@@ -199,11 +227,11 @@ def share_weights(paths: Sequence[Path], weights: Path) -> dict[str, int]:
     return {"referenced_bytes": referenced, "stored_bytes": sum(length for _, length in stored.values())}
 
 
-def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
-    """Write both graphs at ``precision`` into ``folder``, their weights once in ``weights.<precision>.bin``; one
+def write(graphs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
+    """Write every graph at ``precision`` into ``folder``, their weights once in ``weights.<precision>.bin``; one
     record per graph file. int8 and int4 need the fp32 files first."""
     paths, quantizations = {}, {}
-    for name, spec in specs.items():
+    for name, spec in graphs.items():
         path = paths[name] = folder / f"{name}.{precision}.onnx"
         if precision == "fp32":
             _export(spec, path)
@@ -231,21 +259,22 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
 
 
 class OrtGraph:
-    """An onnxruntime session (CPU EP) called like the torch wrappers: tensors in (positional), tensors out."""
+    """An onnxruntime session (CPU EP) called like the torch wrappers: tensors in (positional, in the session's input
+    order), tensors out (in its output order)."""
 
-    def __init__(self, path: str | os.PathLike, input_names: Sequence[str] | None = None):
+    def __init__(self, path: str | os.PathLike):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = tuple(input_names or (i.name for i in self.session.get_inputs()))
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = {name: np.asarray(t) for name, t in zip(self.input_names, tensors, strict=True)}
         return tuple(torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feeds))
 
 
-def load(record: Mapping[str, Any], graph: str, input_names: Sequence[str], output_names: Sequence[str]) -> OrtGraph:
-    """The session of ``record``'s file (one graph per ONNX file; outputs come in the exported order)."""
-    return OrtGraph(record["file"], input_names)
+def load(record: Mapping[str, Any], spec: GraphSpec) -> OrtGraph:
+    """The session of ``record``'s file (one graph per ONNX file; inputs and outputs in ``spec``'s order)."""
+    return OrtGraph(record["file"])

@@ -17,7 +17,9 @@ WARMUP_RUNS = 2
 
 def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, Any], runs: int) -> dict:
     """Median wall time (ms) of ``runs`` calls of each graph: vision (when there is one) on the golden screenshot,
-    prefill on the golden prompt, decode of one token after it."""
+    each prefill bucket on the golden prompt's first tokens (padded when shorter) from position 0, and one decode
+    step at context 64 and at ``max_context`` (the token written at position 63, or C - 1, of the cache), each
+    through the decode window a runtime would pick, and at 64 through ``decode`` (all C positions) too."""
     from autoglm_distill.export.verify import Session
 
     session = Session(graphs, facts)
@@ -35,17 +37,34 @@ def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, 
     out = {}
     if "vision" in graphs:
         out["vision_ms_median"] = timed(lambda: graphs["vision"](golden.pixel_values))
-    args = session.prefill_args(golden)
-    out["prefill_ms_median"] = timed(lambda: graphs["prefill"](*args))
-    session.prefill(golden)
-    k_cache, v_cache, position = session.k_cache, session.v_cache, session.position
-
-    def one_decode() -> None:
-        session.k_cache, session.v_cache, session.position = k_cache, v_cache, position
-        session.decode(int(golden.prompt[-1]))
-
-    out["decode_ms_median"] = timed(one_decode)
-    return {**out, "runs": runs, "prompt_tokens": len(golden.prompt), "threads": torch.get_num_threads()}
+    extras = session.image_inputs(golden)
+    caches = [torch.zeros(session.cache_shape) for _ in range(session.num_caches)]
+    prefill = {}
+    for bucket in session.buckets:
+        tokens = torch.full((1, bucket), session.pad, dtype=torch.int32)
+        chunk = golden.prompt[:bucket]
+        tokens[0, : len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
+        input_pos = torch.arange(bucket, dtype=torch.int32)
+        graph = graphs[f"prefill_{bucket}"]
+        prefill[str(bucket)] = timed(lambda: graph(tokens, input_pos, *extras, *caches))
+    decode = {}
+    token = torch.tensor([[golden.prompt[-1]]], dtype=torch.int32)
+    short = min(64, session.context)
+    for context in sorted({short, session.context}):
+        position = torch.tensor([context - 1], dtype=torch.int32)
+        graph = graphs[next((f"decode_{w}" for w in session.windows if context - 1 < w), "decode")]
+        decode[str(context)] = timed(lambda: graph(token, position, *caches))
+    position = torch.tensor([short - 1], dtype=torch.int32)
+    whole_cache = timed(lambda: graphs["decode"](token, position, *caches))
+    return {
+        **out,
+        "prefill_ms_median": prefill,
+        "decode_ms_median": decode,  # through the decode window that holds the position
+        "decode_ms_median_whole_cache_at_64": whole_cache,  # the same step at 64 through decode (all C positions)
+        "decode_ratio_max_context_vs_64": decode[str(session.context)] / decode[str(short)],
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def size_rows(manifest: Mapping[str, Any]) -> list[dict]:
@@ -76,6 +95,9 @@ def size_rows(manifest: Mapping[str, Any]) -> list[dict]:
 
 
 def _parity_text(parity: Mapping[str, Any]) -> str:
+    if "same_text_as_tflite" in parity:
+        status = "pass" if parity["passed"] else "FAIL"
+        return f"{status}: LiteRT-LM engine, {parity['same_text_as_tflite']}/{parity['prompts']} answers = the .tflite's"
     if parity["kind"] == "structural":
         checks = [v for v in parity.values() if isinstance(v, Mapping)]
         weights = sum(c["weights_checked"] for c in checks)
@@ -96,27 +118,53 @@ def _chart(rows: Sequence[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['format']}\n{r['precision']}" for r in rows]
-    fig, (size_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (size_ax, prefill_ax, decode_ax) = plt.subplots(1, 3, figsize=(15, 4))
     size_ax.bar(labels, [r["bytes"] / 1e6 for r in rows], color="#4C72B0")
     size_ax.set_ylabel("MB on disk")
     size_ax.set_title("Artifact size")
     timed = [r for r in rows if r["latency"]]
+    for r in timed:
+        prefill = r["latency"]["prefill_ms_median"]
+        prefill_ax.plot([int(b) for b in prefill], list(prefill.values()), marker="o", label=f"{r['format']} {r['precision']}")
+    prefill_ax.set_xscale("log", base=2)
+    prefill_ax.set_xlabel("prefill bucket (tokens)")
+    prefill_ax.set_ylabel("ms, median")
+    prefill_ax.set_title("Prefill per bucket (CPU, this machine)")
+    prefill_ax.legend(fontsize=7)
     x = range(len(timed))
-    time_ax.bar([i - 0.2 for i in x], [r["latency"]["prefill_ms_median"] for r in timed], 0.4, label="prefill")
-    time_ax.bar([i + 0.2 for i in x], [r["latency"]["decode_ms_median"] for r in timed], 0.4, label="decode (1 token)")
-    time_ax.set_xticks(list(x), [f"{r['format']}\n{r['precision']}" for r in timed])
-    time_ax.set_ylabel("ms, median")
-    time_ax.set_title("CPU latency (this machine)")
-    time_ax.legend()
+    contexts = sorted({c for r in timed for c in r["latency"]["decode_ms_median"]}, key=int)
+    width = 0.8 / max(len(contexts), 1)
+    for i, context in enumerate(contexts):
+        values = [r["latency"]["decode_ms_median"].get(context, 0.0) for r in timed]
+        decode_ax.bar([j + (i - (len(contexts) - 1) / 2) * width for j in x], values, width, label=f"context {context}")
+    decode_ax.set_xticks(list(x), [f"{r['format']}\n{r['precision']}" for r in timed])
+    decode_ax.set_ylabel("ms, median")
+    decode_ax.set_title("Decode, one token (CPU, this machine)")
+    decode_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _ms(latency: Mapping[str, Any], key: str) -> str:
+def _prefill_text(latency: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    if row["format"] == "litertlm":  # the engine's own timing of the last golden prompt
+        return f"{row['parity'].get('litertlm_prefill_tokens_per_second', 0):.0f} tokens/s (LiteRT-LM)"
     if not latency:
         return "n/a (macOS)"
-    return f"{latency[key]:.2f}" if key in latency else "-"
+    return ", ".join(f"{b}: {ms:.2f}" for b, ms in latency["prefill_ms_median"].items())
+
+
+def _decode_text(latency: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    if row["format"] == "litertlm":
+        return f"{row['parity'].get('litertlm_decode_tokens_per_second', 0):.0f} tokens/s (LiteRT-LM)"
+    if not latency:
+        return "n/a (macOS)"
+    decode = latency["decode_ms_median"]
+    text = ", ".join(f"{c}: {ms:.2f}" for c, ms in decode.items())
+    if len(decode) > 1:
+        text += f" (x{latency['decode_ratio_max_context_vs_64']:.2f}; 64 over the whole cache: "
+        text += f"{latency['decode_ms_median_whole_cache_at_64']:.2f})"
+    return text
 
 
 def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
@@ -128,21 +176,26 @@ def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
         "# Export report",
         "",
         f"Student: {manifest.get('source') or 'in-memory model'}; {facts['architecture']}, {facts['num_layers']} "
-        f"layers, vocabulary {facts['vocab_size']}, max context {facts['max_context']} tokens.",
+        f"layers, vocabulary {facts['vocab_size']}, max context {facts['max_context']} tokens, prefill buckets "
+        f"{facts['prefill_buckets']}.",
         f"Parity: {manifest['golden']['prompts']} golden prompts, {manifest['golden']['max_new_tokens']} greedy tokens "
-        "each, run in the artifact's own runtime (Core ML: structural, predict is macOS-only).",
-        f"Latency: median of {runs} runs on this machine's CPU (vision on the first golden screenshot, prefill of the "
-        "first golden prompt, one decode step).",
+        "each, run in the artifact's own runtime (Core ML: structural, predict is macOS-only); and the logits after "
+        "each prompt with every chunk through one bucket, per bucket.",
+        f"Latency: median of {runs} runs on this machine's CPU: vision on the first golden screenshot, each prefill "
+        "bucket (ms per call, by bucket size), one decode step at context 64 (through decode_64, which reads the "
+        "first 64 cache positions) and at max context (through decode); in brackets their ratio, and the step at 64 "
+        "through decode, which reads the whole cache.",
         "",
-        "| format | precision | files | MB | vs full precision | vision ms | prefill ms | decode ms | parity |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| format | precision | files | MB | vs full precision | vision ms | prefill ms by bucket | decode ms by context "
+        "| parity |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for r in rows:
         latency = r["latency"] or {}
-        ms = {k: _ms(latency, k) for k in ("vision_ms_median", "prefill_ms_median", "decode_ms_median")}
+        vision = f"{latency['vision_ms_median']:.2f}" if "vision_ms_median" in latency else "-"
         lines.append(
             f"| {r['format']} | {r['precision']} | {', '.join(r['files'])} | {r['bytes'] / 1e6:.2f} | "
-            f"{r['ratio']:.2f} | {ms['vision_ms_median']} | {ms['prefill_ms_median']} | {ms['decode_ms_median']} | "
+            f"{r['ratio']:.2f} | {vision} | {_prefill_text(latency, r)} | {_decode_text(latency, r)} | "
             f"{_parity_text(r['parity'])} |"
         )
     lines += ["", "![size and latency](report.png)", ""]

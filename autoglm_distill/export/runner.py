@@ -4,13 +4,18 @@ the graphs.
     python -m autoglm_distill.export.runner export/demo --prompt "Turn on Wi-Fi ..." [--format tflite]
 
 1. Render the chat (system + user) with ``tokenizer/``'s chat template, generation prompt included, and tokenize.
-2. ``prefill``: ``input_ids`` int32 [1, C] (the prompt, right-padded with ``pad_token_id`` to ``max_context`` C),
-   ``length`` int32 [1] (the prompt length) -> ``logits`` [1, V] of the last prompt token, ``k_cache`` and
-   ``v_cache`` float32 [layers, kv_heads, C, head_dim].
-3. Repeat: next token = argmax(logits); stop at an EOS id (``manifest.json`` model.eos_token_ids) or the budget;
-   ``decode``: ``token`` int32 [1, 1], ``position`` int32 [1] (= prompt length + tokens decoded so far), the two
-   caches -> ``logits``, ``k_cache_out``, ``v_cache_out``; feed the outputs back as the next caches.
-4. Detokenize and parse the ``<answer>`` into an action.
+2. Caches: ``2 * num_layers`` float32 zeros of [1, ``num_kv_heads``, ``max_context``, ``head_dim``] (``manifest.json``
+   ``model``), in the order k_0, v_0, k_1, ...; named ``kv_cache_k_<i>`` / ``kv_cache_v_<i>`` in and out (TFLite),
+   ``past_key_values.<i>.key`` / ``.value`` in and ``present.<i>.key`` / ``.value`` out (ONNX).
+3. Prefill every prompt token but the last, in chunks: each chunk the smallest bucket of ``model.prefill_buckets``
+   that holds the rest (else the largest), right-padded with ``pad_token_id``: ``prefill_<S>`` takes ``tokens`` int32
+   [1, S], ``input_pos`` int32 [S] (the chunk's positions: start, start + 1, ...) and the caches, and returns the
+   caches, which replace the ones fed.
+4. Decode the last prompt token: ``decode`` takes ``tokens`` int32 [1, 1], ``input_pos`` int32 [1] (its position)
+   and the caches -> ``logits`` [1, 1, V] and the caches. Next token = argmax(logits); stop at an EOS id
+   (``model.eos_token_ids``) or the budget; else decode it at the next position. While the position is below a
+   bucket W, ``decode_<W>`` (the smallest such) does the same step reading only the first W cache positions.
+5. Detokenize and parse the ``<answer>`` into an action.
 
 Image-text (GLM-4.1V) exports (``manifest.json`` has ``model.image``) take a screenshot too (``--image``):
 
@@ -19,8 +24,8 @@ a. Resize it to exactly ``image.width_px`` x ``image.height_px`` and run the ima
 b. ``vision``: ``pixel_values`` -> ``image_embeds`` [``image.tokens``, hidden].
 c. The user message is [image, text]; the chat template renders one ``<|image|>`` for the image, which is expanded
    to ``image.tokens`` copies of it; ``image_start`` is the index of the first.
-d. ``prefill`` also takes ``image_embeds`` and ``image_start`` int32 [1]; ``decode`` also takes ``rope_position``
-   int32 [1] = ``position + image.rope_delta``.
+d. Every ``prefill_<S>`` call also takes ``image_embeds`` and ``image_start`` int32 [1] (between ``input_pos`` and
+   the caches).
 """
 
 from __future__ import annotations
@@ -87,10 +92,34 @@ def _artifacts(manifest: dict, fmt: str, precision: str) -> dict[str, str]:
         if a["format"] == fmt and a["precision"] == precision
         for g in a["graphs"]
     }
-    if {"prefill", "decode"} - set(found):
+    if "decode" not in found or not any(g.startswith("prefill_") for g in found):
         have = sorted({f"{a['format']}/{a['precision']}" for a in manifest["artifacts"]})
         raise ExportFolderError(f"no {fmt}/{precision} prefill+decode in this export; it has {have}")
     return found
+
+
+def cache_names(fmt: str, layers: int) -> tuple[list[str], list[str]]:
+    """The caches' input and output names in ``fmt``'s graphs (step 2 of the module docstring)."""
+    if fmt == "onnx":
+        kinds = [(i, kind) for i in range(layers) for kind in ("key", "value")]
+        return [f"past_key_values.{i}.{k}" for i, k in kinds], [f"present.{i}.{k}" for i, k in kinds]
+    names = [f"kv_cache_{kv}_{i}" for i in range(layers) for kv in "kv"]
+    return names, names
+
+
+def prefill_plan(tokens: int, buckets: list[int], context: int) -> list[int]:
+    """The prefill chunks (bucket sizes) for ``tokens`` prompt tokens (step 3): each the smallest bucket that holds
+    the rest, else the largest, never one that would write past ``context``. Tokens left over go through decode."""
+    buckets = sorted(buckets)
+    chunks, start = [], 0
+    while start < tokens:
+        fitting = [b for b in buckets if start + b <= context]
+        if not fitting:
+            break
+        size = next((b for b in fitting if b >= tokens - start), fitting[-1])
+        chunks.append(size)
+        start += min(size, tokens - start)
+    return chunks
 
 
 def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> dict[str, Step]:
@@ -109,7 +138,7 @@ def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> dict[s
     if fmt == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
-        interpreter = Interpreter(model_path=str(folder / files["prefill"]))
+        interpreter = Interpreter(model_path=str(folder / files["decode"]))
 
         def signature(graph: str) -> Step:
             runner = interpreter.get_signature_runner(graph)
@@ -125,41 +154,52 @@ def generate(
     prompt: list[int],
     model: dict,
     max_new_tokens: int,
+    fmt: str,
     pixel_values: np.ndarray | None = None,
 ) -> list[int]:
-    """Greedy decoding through the graphs (steps 2-3 and b-d of the module docstring); EOS included when reached."""
+    """Greedy decoding through the graphs (steps 2-4 and b-d of the module docstring); EOS included when reached."""
     context = model["max_context"]
-    if len(prompt) + max_new_tokens - 1 > context:
+    if not prompt or len(prompt) + max_new_tokens - 1 > context:
         raise ValueError(f"prompt ({len(prompt)} tokens) + {max_new_tokens} new tokens exceed max_context={context}")
-    input_ids = np.full((1, context), model["pad_token_id"], dtype=np.int32)
-    input_ids[0, : len(prompt)] = prompt
-    feeds = {"input_ids": input_ids, "length": np.array([len(prompt)], dtype=np.int32)}
-    image, rope_delta = model.get("image"), 0
+    inputs, outputs = cache_names(fmt, model["num_layers"])
+    shape = (1, model["num_kv_heads"], context, model["head_dim"])
+    caches = {name: np.zeros(shape, dtype=np.float32) for name in inputs}
+    extras = {}
+    image = model.get("image")
     if image is not None:
         if pixel_values is None:
             raise ValueError("this export reads a screenshot with every prompt: pass --image")
-        feeds["image_embeds"] = steps["vision"]({"pixel_values": pixel_values.astype(np.float32)})["image_embeds"]
-        feeds["image_start"] = np.array([prompt.index(image["token_id"])], dtype=np.int32)
-        rope_delta = image["rope_delta"]
-    out = steps["prefill"](feeds)
-    k_cache, v_cache = out["k_cache"], out["v_cache"]
-    tokens: list[int] = []
+        extras["image_embeds"] = steps["vision"]({"pixel_values": pixel_values.astype(np.float32)})["image_embeds"]
+        extras["image_start"] = np.array([prompt.index(image["token_id"])], dtype=np.int32)
+
+    windows = sorted(int(g.split("_")[1]) for g in steps if g.startswith("decode_"))
+
+    def decode(token: int, position: int) -> dict[str, np.ndarray]:
+        """Through the smallest decode_<W> window that holds the position, else decode."""
+        return run(next((f"decode_{w}" for w in windows if position < w), "decode"), [token], 1, position)
+
+    def run(graph: str, tokens: list[int], size: int, start: int) -> dict[str, np.ndarray]:
+        ids = np.full((1, size), model["pad_token_id"], dtype=np.int32)
+        ids[0, : len(tokens)] = tokens
+        feeds = {"tokens": ids, "input_pos": np.arange(start, start + size, dtype=np.int32), **caches}
+        out = steps[graph]({**feeds, **extras} if graph.startswith("prefill_") else feeds)
+        caches.update({i: out[o] for i, o in zip(inputs, outputs, strict=True)})
+        return out
+
+    body, start = prompt[:-1], 0
+    for size in prefill_plan(len(body), model["prefill_buckets"], context):
+        chunk = body[start : start + size]
+        run(f"prefill_{size}", chunk, size, start)
+        start += len(chunk)
+    for position in range(start, len(body)):
+        decode(body[position], position)
+    position, token, tokens = len(body), prompt[-1], []
     while True:
-        token = int(np.argmax(out["logits"][0]))
+        token = int(np.argmax(decode(token, position)["logits"].reshape(-1)))
         tokens.append(token)
         if token in model["eos_token_ids"] or len(tokens) == max_new_tokens:
             return tokens
-        position = len(prompt) + len(tokens) - 1
-        feeds = {
-            "token": np.array([[token]], dtype=np.int32),
-            "position": np.array([position], dtype=np.int32),
-            "k_cache": k_cache,
-            "v_cache": v_cache,
-        }
-        if image is not None:
-            feeds["rope_position"] = np.array([position + rope_delta], dtype=np.int32)
-        out = steps["decode"](feeds)
-        k_cache, v_cache = out["k_cache_out"], out["v_cache_out"]
+        position += 1
 
 
 class Runner:
@@ -213,7 +253,7 @@ class Runner:
         from autoglm_distill.actions import try_parse
 
         ids, pixel_values = self.encode(messages, Path(root))
-        tokens = generate(self.steps, ids, self.manifest["model"], max_new_tokens, pixel_values)
+        tokens = generate(self.steps, ids, self.manifest["model"], max_new_tokens, self.format, pixel_values)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return {
             "format": self.format,
@@ -246,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", required=True, help='the user message, e.g. "Task: ...\\nApp: ...\\nElements: ..."')
     parser.add_argument("--system", default=SYSTEM_PROMPT, help="system message ('' for none)")
     parser.add_argument("--format", default="onnx", choices=["onnx", "tflite"])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
     parser.add_argument("--image", help="the screenshot (image-text exports)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)

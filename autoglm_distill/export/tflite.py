@@ -1,7 +1,10 @@
-"""TFLite / LiteRT artifacts: one ``.tflite`` per precision holding both graphs as named signatures.
+"""TFLite / LiteRT artifacts: one ``.tflite`` per precision holding every graph as a named signature.
 
 ``litert-torch`` converts the fixed-shape graphs (it needs static shapes and int32 token inputs, which the graphs
-have); the weights are stored once and shared by the ``prefill`` and ``decode`` signatures. int8 is
+have); the weights are stored once and shared by the ``prefill_<S>`` and ``decode`` signatures. The signatures follow
+LiteRT-LM's conventions (``tokens``, ``input_pos``, ``kv_cache_k_<i>`` / ``kv_cache_v_<i>`` in and out, the write a
+``DYNAMIC_UPDATE_SLICE`` at ``input_pos``, which LiteRT does in place when the runtime binds one buffer to a cache's
+input and output, as LiteRT-LM does). int8 is
 ai-edge-quantizer's ``dynamic_wi8_afp32`` recipe (int8 per-channel weights, embedding table included, fp32
 activations quantized on the fly); int4 is ``dynamic_wi4b32_afp32`` with the embedding and output head kept int8
 (``int4_recipe``). Key facts go into the flatbuffer's metadata under ``autoglm_distill`` (JSON).
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoglm_distill.export.graphs import GraphSpec
+from autoglm_distill.export.graphs import GraphSpec, graph_specs
 from autoglm_distill.export.storage import INT4_BLOCK, INT4_WEIGHTS
 
 FORMAT = "tflite"
@@ -60,6 +63,18 @@ def int4_recipe(path: str | os.PathLike) -> list[dict]:
                 name = graph.tensors[op.outputs[0]].name.decode()
                 entries.append({**int8, "regex": re.escape(name), "operation": "*"})
     return entries
+
+
+CACHE_UPDATE = "dynamic_update_slice"
+KV_CACHE = {
+    "io": "kv_cache_k_<i> / kv_cache_v_<i> in and out (same names): per layer [1, KV, C, D] float32",
+    "update": "DYNAMIC_UPDATE_SLICE at input_pos: in place where the runtime binds one buffer to a cache's input and "
+    "output (LiteRT-LM); the Python interpreter copies it",
+}
+
+
+def specs(model: torch.nn.Module, facts: Mapping[str, Any]) -> dict[str, GraphSpec]:
+    return graph_specs(model, facts, CACHE_UPDATE)
 
 
 def converter_versions() -> dict[str, str]:
@@ -140,14 +155,14 @@ def _interpreter(path: str | os.PathLike):
     return Interpreter(model_path=str(path))
 
 
-def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
+def write(graphs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: Mapping[str, Any]) -> list[dict]:
     """Write ``student.<precision>.tflite`` with a signature per graph. int8 and int4 need the fp32 file first."""
     path = folder / f"student.{precision}.tflite"
     if precision == "fp32":
         import litert_torch
 
         converter = None
-        for name, spec in specs.items():
+        for name, spec in graphs.items():
             step = litert_torch.signature if converter is None else converter.signature
             converter = step(name, _NamedOutputs(spec).eval(), sample_kwargs=spec.example)
         converter.convert().export(str(path))
@@ -165,9 +180,9 @@ def write(specs: Mapping[str, GraphSpec], folder: Path, precision: str, facts: M
             "activations": "fp32, quantized dynamically",
         }
     write_metadata(
-        path, {**facts, "format": FORMAT, "graphs": list(specs), "precision": precision, "quantization": quantization}
+        path, {**facts, "format": FORMAT, "graphs": list(graphs), "precision": precision, "quantization": quantization}
     )
-    return [{"graphs": list(specs), "file": path, "quantization": quantization, "signatures": signatures(path)}]
+    return [{"graphs": list(graphs), "file": path, "quantization": quantization, "signatures": signatures(path)}]
 
 
 class LiteRtGraph:
@@ -184,5 +199,5 @@ class LiteRtGraph:
         return tuple(torch.from_numpy(np.array(out[name])) for name in self.output_names)
 
 
-def load(record: Mapping[str, Any], graph: str, input_names: Sequence[str], output_names: Sequence[str]):
-    return LiteRtGraph(record["file"], graph, input_names, output_names)
+def load(record: Mapping[str, Any], spec: GraphSpec) -> LiteRtGraph:
+    return LiteRtGraph(record["file"], spec.name, spec.inputs, spec.outputs)

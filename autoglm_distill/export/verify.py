@@ -1,8 +1,8 @@
 """Parity of exported graphs against the PyTorch student, run in the artifact's own runtime.
 
 A ``Session`` drives one set of graphs (the PyTorch wrappers, or onnxruntime / LiteRT callables with the same
-signatures) through a prompt: ``vision`` on the screenshot when there is one, ``prefill``, then ``decode`` one token at
-a time. The PyTorch wrappers (exact against the HF model) give the reference: per golden prompt, their greedy tokens
+signatures) through a prompt: ``vision`` on the screenshot when there is one, ``prefill_<S>`` chunks, then ``decode``
+one token at a time. The PyTorch wrappers (exact against the HF model) give the reference: per golden prompt, their greedy tokens
 and the logits of every step along that path. An artifact is then (1) teacher-forced along the same path, giving max
 |delta logit|, cosine and top-1 agreement per position, and (2) left to generate greedily on its own, which must give
 the same tokens.
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from autoglm_distill.export.graphs import graph_modules
+from autoglm_distill.export.runner import prefill_plan
 
 StepFn = Callable[..., Any]
 
@@ -49,6 +50,17 @@ class Reference:
     golden: Golden
     tokens: list[int]
     logits: list[torch.Tensor] = field(repr=False)  # one [V] row per step: prefill, then each decode
+    # per bucket S: the logits after the prompt's first S tokens, prefilled through prefill_<S> and decoded through
+    # decode_<S> (or decode for S = max_context)
+    buckets: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def cut(golden: Golden, size: int, image: Mapping[str, Any] | None) -> Golden | None:
+    """The golden's first ``size`` tokens (with its screenshot); None when that cuts off the image's first token."""
+    prompt = golden.prompt[:size]
+    if image is not None and image["token_id"] not in prompt:
+        return None
+    return Golden(prompt, golden.pixel_values, golden.grid_thw)
 
 
 class ExportVerificationError(RuntimeError):
@@ -64,10 +76,12 @@ def _int32(*values: int) -> torch.Tensor:
 
 
 class Session:
-    """Prefill then decode through ``graphs`` (``{"prefill", "decode"}`` plus ``"vision"`` for image-text students).
+    """A prompt through ``graphs`` (``prefill_<S>`` per bucket and ``decode``, plus ``"vision"`` for image-text
+    students) the way LiteRT-LM runs it: every prompt token but the last through prefill, in chunks of the bucket
+    sizes, then the last through decode, whose logits pick the first new token.
 
-    ``facts`` are the export's model facts: ``max_context``, ``pad_token_id`` and, for image-text students,
-    ``image.token_id`` and ``image.rope_delta``.
+    ``facts`` are the export's model facts: ``max_context``, ``pad_token_id``, ``num_layers``, ``num_kv_heads``,
+    ``head_dim``, ``prefill_buckets`` and, for image-text students, ``image.token_id``.
     """
 
     def __init__(self, graphs: Mapping[str, StepFn], facts: Mapping[str, Any]):
@@ -75,42 +89,55 @@ class Session:
         self.context = int(facts["max_context"])
         self.pad = int(facts["pad_token_id"])
         self.image = facts.get("image")
+        self.buckets = sorted(int(n) for n in facts.get("prefill_buckets") or [self.context])
+        self.windows = sorted(int(g.split("_")[1]) for g in graphs if g.startswith("decode_"))
+        self.cache_shape = (1, int(facts["num_kv_heads"]), self.context, int(facts["head_dim"]))
+        self.num_caches = 2 * int(facts["num_layers"])
 
-    def prefill(self, golden: Golden) -> torch.Tensor:
-        """Run the prompt (through the vision graph first when it has a screenshot); returns the logits [V] of its
-        last token."""
-        logits, self.k_cache, self.v_cache = self.graphs["prefill"](*self.prefill_args(golden))
-        self.position = len(golden.prompt)
-        return logits[0].float()
+    def plan(self, tokens: int, bucket: int | None = None) -> list[int]:
+        """The prefill chunks for ``tokens`` prompt tokens (``runner.prefill_plan``); ``bucket`` forces one size."""
+        return prefill_plan(tokens, [bucket] if bucket is not None else self.buckets, self.context)
 
-    def prefill_args(self, golden: Golden) -> list:
-        """The prefill graph's inputs for ``golden`` (runs the vision graph on its screenshot)."""
+    def prefill(self, golden: Golden, bucket: int | None = None) -> torch.Tensor:
+        """Run the prompt (the vision graph first when it has a screenshot); returns the logits [V] after its last
+        token. ``bucket`` runs every chunk through ``prefill_<bucket>``."""
         prompt = golden.prompt
         if not prompt or len(prompt) > self.context:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_context={self.context}")
-        ids = torch.full((1, self.context), self.pad, dtype=torch.int32)
-        ids[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.int32)
-        args = [ids, _int32(len(prompt))]
-        self.rope_delta = 0
-        if self.image is not None:
-            if golden.pixel_values is None:
-                raise ValueError("an image-text export needs the screenshot's pixel_values for every prompt")
-            (embeds,) = _as_tuple(self.graphs["vision"](golden.pixel_values))
-            start = prompt.index(self.image["token_id"])
-            args += [embeds, _int32(start)]
-            self.rope_delta = int(self.image["rope_delta"])
-        return args
+        self.caches = [torch.zeros(self.cache_shape) for _ in range(self.num_caches)]
+        self.extras = self.image_inputs(golden)
+        self.position = 0
+        body = prompt[:-1]
+        for size in self.plan(len(body), bucket):
+            chunk = body[self.position : self.position + size]
+            tokens = torch.full((1, size), self.pad, dtype=torch.int32)
+            tokens[0, : len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
+            input_pos = torch.arange(self.position, self.position + size, dtype=torch.int32)
+            self.caches = list(_as_tuple(self.graphs[f"prefill_{size}"](tokens, input_pos, *self.extras, *self.caches)))
+            self.position += len(chunk)
+        for token in body[self.position :]:
+            self.decode(token)
+        return self.decode(prompt[-1])
+
+    def image_inputs(self, golden: Golden) -> list:
+        """``[image_embeds, image_start]`` for an image-text prompt (runs the vision graph), ``[]`` otherwise."""
+        if self.image is None:
+            return []
+        if golden.pixel_values is None:
+            raise ValueError("an image-text export needs the screenshot's pixel_values for every prompt")
+        (embeds,) = _as_tuple(self.graphs["vision"](golden.pixel_values))
+        return [embeds, _int32(golden.prompt.index(self.image["token_id"]))]
 
     def decode(self, token: int) -> torch.Tensor:
-        """Feed ``token`` at the next position; returns the logits [V] that follow it."""
+        """Feed ``token`` at the next position (through the smallest ``decode_<W>`` window that holds it, else
+        ``decode``); returns the logits [V] that follow it."""
         if self.position >= self.context:
             raise ValueError(f"max_context={self.context} reached")
-        args = [torch.tensor([[token]], dtype=torch.int32), _int32(self.position)]
-        if self.image is not None:
-            args.append(_int32(self.position + self.rope_delta))
-        logits, self.k_cache, self.v_cache = self.graphs["decode"](*args, self.k_cache, self.v_cache)
+        graph = next((f"decode_{w}" for w in self.windows if self.position < w), "decode")
+        out = self.graphs[graph](torch.tensor([[token]], dtype=torch.int32), _int32(self.position), *self.caches)
+        logits, *self.caches = out
         self.position += 1
-        return logits[0].float()
+        return logits.reshape(-1).float()
 
     @torch.no_grad()
     def generate(self, golden: Golden, max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
@@ -128,7 +155,7 @@ class Session:
 
     @torch.no_grad()
     def trajectory(self, golden: Golden, tokens: Sequence[int]) -> list[torch.Tensor]:
-        """Logits of prefill, then of decode fed ``tokens`` (teacher forcing): one [V] row per step."""
+        """Logits after the prompt, then of decode fed ``tokens`` (teacher forcing): one [V] row per step."""
         rows = [self.prefill(golden)]
         rows += [self.decode(token) for token in tokens[:-1]]
         return rows
@@ -149,7 +176,12 @@ def references(model: nn.Module, goldens: Sequence[Golden], facts: Mapping[str, 
         out = []
         for golden in goldens:
             tokens = session.generate(golden, max_new_tokens)
-            out.append(Reference(golden, tokens, session.trajectory(golden, tokens)))
+            ref = Reference(golden, tokens, session.trajectory(golden, tokens))
+            for bucket in session.buckets:
+                short = cut(golden, bucket, session.image)
+                if short is not None:
+                    ref.buckets[bucket] = session.prefill(short, bucket)
+            out.append(ref)
         return out
     finally:
         model.train(was_training)
@@ -167,29 +199,50 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare(graphs: Mapping[str, StepFn], refs: Sequence[Reference], facts: Mapping[str, Any]) -> dict:
-    """Figures of one runtime against the references (see the module docstring)."""
+    """Figures of one runtime against the references (see the module docstring), plus, per bucket S (``buckets``),
+    the logits after each prompt's first S tokens, prefilled through ``prefill_<S>`` and decoded through its decode
+    window; their max |delta| counts in ``prefill_max_abs_diff``, the agreement and KL figures are over the greedy
+    path only."""
     session = Session(graphs, facts)
-    prefill_diff, decode_diff, min_cos, agree, steps, greedy_match, kl = 0.0, 0.0, 1.0, 0, 0, True, 0.0
+    prefill_diff, decode_diff, greedy_match, pairs = 0.0, 0.0, True, []
     for ref in refs:
         rows = session.trajectory(ref.golden, ref.tokens)
         prefill_diff = max(prefill_diff, float((rows[0] - ref.logits[0]).abs().max()))
         for ours, theirs in zip(rows[1:], ref.logits[1:], strict=True):
             decode_diff = max(decode_diff, float((ours - theirs).abs().max()))
-        min_cos = min(min_cos, *(_cosine(o, r) for o, r in zip(rows, ref.logits, strict=True)))
-        agree += sum(int(torch.argmax(o)) == int(torch.argmax(r)) for o, r in zip(rows, ref.logits, strict=True))
-        kl += sum(_kl(r, o) for o, r in zip(rows, ref.logits, strict=True))
-        steps += len(rows)
+        pairs += zip(rows, ref.logits, strict=True)
         greedy_match = greedy_match and session.generate(ref.golden, len(ref.tokens)) == ref.tokens
+    buckets = {}
+    for bucket in session.buckets:  # the prompts cut to each bucket, through that bucket and its decode window
+        rows = [
+            (session.prefill(cut(ref.golden, bucket, session.image), bucket), ref.buckets[bucket])
+            for ref in refs
+            if bucket in ref.buckets
+        ]
+        if not rows:
+            continue
+        diff = max(float((o - r).abs().max()) for o, r in rows)
+        prefill_diff = max(prefill_diff, diff)
+        buckets[str(bucket)] = {
+            "max_abs_diff": diff,
+            "top1_agreement": sum(_same_top1(o, r) for o, r in rows) / len(rows),
+            "prompts": len(rows),
+        }
     return {
         "prompts": len(refs),
-        "positions": steps,
+        "positions": len(pairs),
         "prefill_max_abs_diff": prefill_diff,
         "decode_max_abs_diff": decode_diff,
-        "min_cosine": min_cos,
-        "top1_agreement": agree / steps,
-        "mean_kl": kl / steps,
+        "min_cosine": min(_cosine(o, r) for o, r in pairs),
+        "top1_agreement": sum(_same_top1(o, r) for o, r in pairs) / len(pairs),
+        "mean_kl": sum(_kl(r, o) for o, r in pairs) / len(pairs),
         "greedy_match": greedy_match,
+        "buckets": buckets,
     }
+
+
+def _same_top1(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return int(torch.argmax(a)) == int(torch.argmax(b))
 
 
 def judge(figures: dict, precision: str, bars: Bars) -> dict:
