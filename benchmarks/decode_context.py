@@ -7,17 +7,26 @@ extra bucket of 64 (graphs ``prefill_64``, ``prefill_<C>``, ``decode``, ``decode
 TFLite, and reads the export's own timings (``report.measure_latency``: median of ``--runs`` calls, this machine's
 CPU): one decode step at context 64 through ``decode_64`` (reads the first 64 cache positions), the same step through
 ``decode`` (reads all C), and the step at context C; prefill of 64 tokens through ``prefill_64`` and through the
-C-token graph every prompt used to be padded to. Prints a table and writes JSON. Timings on shared cores are noisy:
-compare the ratios, measured in the same run.
+C-token graph every prompt used to be padded to.
+
+Whether the cache copy is gone in onnxruntime: the fp32 decode step run as the export's check runs it (caches fed in,
+``present.*`` returned in new buffers), and with IOBinding binding each ``present.<i>.*`` output to the buffer of
+its ``past_key_values.<i>.*`` input, so the ScatterND writes the new token's slot in place; the in-place step must
+give the same logits and caches. Prints a table and writes JSON. Timings on shared cores are noisy: compare the
+ratios, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +34,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export_sizes import NO_QUANTIZED_BARS, WIDE, wide_export  # noqa: E402
 
 from autoglm_distill.export import ExportSettings  # noqa: E402
+
+
+def _median_ms(fn, runs: int) -> float:
+    fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def onnx_in_place(path: Path, position: int, runs: int) -> dict:
+    """One decode step of ``path`` at ``position``: plain ``run`` vs IOBinding with every present.* bound to its
+    past_key_values.* buffer (in place); checks the two give the same logits and caches."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    caches = [n for n in inputs if n.startswith("past_key_values.")]
+    rng = np.random.default_rng(0)
+    values = {n: rng.standard_normal(session.get_inputs()[inputs.index(n)].shape).astype(np.float32) for n in caches}
+    feeds = {"tokens": np.array([[5]], np.int32), "input_pos": np.array([position], np.int32), **values}
+    expected = dict(zip(outputs, session.run(None, feeds), strict=True))
+    buffers = {n: ort.OrtValue.ortvalue_from_numpy(values[n].copy()) for n in caches}
+    binding = session.io_binding()
+    binding.bind_cpu_input("tokens", feeds["tokens"])
+    binding.bind_cpu_input("input_pos", feeds["input_pos"])
+    for name in caches:
+        binding.bind_ortvalue_input(name, buffers[name])
+        binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), buffers[name])
+    binding.bind_output("logits")
+    session.run_with_iobinding(binding)  # writes the slot of `position` into the bound buffers
+    logits = binding.get_outputs()[-1].numpy()
+    same = bool(np.array_equal(logits, expected["logits"])) and all(
+        np.array_equal(buffers[n].numpy(), expected[n.replace("past_key_values.", "present.")]) for n in caches
+    )
+    return {
+        "plain_ms": _median_ms(lambda: session.run(None, feeds), runs),
+        "in_place_ms": _median_ms(lambda: session.run_with_iobinding(binding), runs),
+        "in_place_matches_plain": same,
+    }
 
 
 def main() -> None:
@@ -45,6 +99,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         manifest, params = wide_export(Path(tmp), settings, golden=[list(range(1, 81))])
+        onnx_dir = Path(tmp) / "wide" / "onnx"
+        in_place = {
+            "64": onnx_in_place(onnx_dir / "decode_64.fp32.onnx", 63, args.runs),
+            str(c): onnx_in_place(onnx_dir / "decode.fp32.onnx", c - 1, args.runs),
+        }
     rows, seen = [], set()
     for artifact in manifest["artifacts"]:
         key = (artifact["format"], artifact["precision"])
@@ -80,8 +139,21 @@ def main() -> None:
             f"{r['prefill_ms_64_tokens_bucket_64']:>9.2f}{r[f'prefill_ms_64_tokens_padded_to_{c}']:>10.2f}"
             f"{r['prefill_bucket_64_vs_padded']:>8.3f}"
         )
+    print("onnxruntime fp32 decode step, plain run (present.* in new buffers) vs IOBinding in place:")
+    for context, r in in_place.items():
+        print(
+            f"  context {context:>5}: plain {r['plain_ms']:.3f} ms, in place {r['in_place_ms']:.3f} ms "
+            f"(x{r['in_place_ms'] / r['plain_ms']:.2f}), same result: {r['in_place_matches_plain']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"model": WIDE, "parameters": params, "max_context": c, "runs": args.runs, "rows": rows}
+    result = {
+        "model": WIDE,
+        "parameters": params,
+        "max_context": c,
+        "runs": args.runs,
+        "rows": rows,
+        "onnxruntime_in_place": in_place,
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
