@@ -134,8 +134,11 @@ class _Glm4Graph(nn.Module):
         iff j <= p. Returns the hidden states and the updated caches."""
         seq = hidden.shape[1]
         cos, sin = self._angles(self.cos_table, rotary), self._angles(self.sin_table, rotary)
-        mask = self._mask(input_pos.long())
         groups = self.num_heads // self.num_kv_heads
+        # Grouped-query attention without repeating the caches: the G query heads of a kv head are stacked as G * S
+        # rows against that head's W keys (head h = kv * G + g, as HF's repeat_kv pairs them). Repeating k/v to every
+        # head instead costs a copy of the cache per step: 6.8 ms vs 0.13 ms per layer in LiteRT at C = 2048.
+        mask = self._mask(input_pos.long())[:, :, None]  # [1, 1, 1, S, W], broadcast over kv heads and groups
         updated = []
         for index, layer in enumerate(self.text.layers):
             attn = layer.self_attn
@@ -144,19 +147,17 @@ class _Glm4Graph(nn.Module):
             q = attn.q_proj(x).view(1, seq, self.num_heads, self.head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(1, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(1, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = self._rope(q, cos, sin)
+            q = self._rope(q, cos, sin).reshape(1, self.num_kv_heads, groups * seq, self.head_dim)
             k = self._rope(k, cos, sin)
             k_cache = self._write(caches[2 * index], k, input_pos)
             v_cache = self._write(caches[2 * index + 1], v, input_pos)
             updated += [k_cache, v_cache]
-            k_all, v_all = self._window(k_cache), self._window(v_cache)
-            # Transposed before the repeat: litert-torch 0.10 lowers matmul(q, repeat(k).transpose) wrongly (the
-            # scores came out wrong by up to 20 on a 2-head student; ONNX was right).
-            k_rep = k_all.transpose(2, 3).repeat_interleave(groups, dim=1)  # [1, H, D, W]
-            v_rep = v_all.repeat_interleave(groups, dim=1)  # [1, H, W, D]
-            scores = torch.matmul(q, k_rep) * self.scaling + mask
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.matmul(probs, v_rep).transpose(1, 2).reshape(1, seq, self.num_heads * self.head_dim)
+            k_all, v_all = self._window(k_cache), self._window(v_cache)  # [1, KV, W, D]
+            scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scaling  # [1, KV, G * S, W]
+            scores = scores.view(1, self.num_kv_heads, groups, seq, -1) + mask
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(1, self.num_kv_heads, groups * seq, -1)
+            out = torch.matmul(probs, v_all).reshape(1, self.num_heads, seq, self.head_dim)
+            out = out.transpose(1, 2).reshape(1, seq, self.num_heads * self.head_dim)
             hidden = residual + layer.post_self_attn_layernorm(attn.o_proj(out))
             residual = hidden
             x = layer.mlp(layer.post_attention_layernorm(hidden))

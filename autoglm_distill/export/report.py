@@ -179,8 +179,8 @@ def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
         f"layers, vocabulary {facts['vocab_size']}, max context {facts['max_context']} tokens, prefill buckets "
         f"{facts['prefill_buckets']}.",
         f"Parity: {manifest['golden']['prompts']} golden prompts, {manifest['golden']['max_new_tokens']} greedy tokens "
-        "each, run in the artifact's own runtime (Core ML: structural, predict is macOS-only); and the logits after "
-        "each prompt with every chunk through one bucket, per bucket.",
+        "each, run in the artifact's own runtime (Core ML: structural, predict is macOS-only); and per prefill "
+        "bucket, the logits after each prompt cut to the bucket, through that bucket and its decode window.",
         f"Latency: median of {runs} runs on this machine's CPU: vision on the first golden screenshot, each prefill "
         "bucket (ms per call, by bucket size), one decode step at context 64 (through decode_64, which reads the "
         "first 64 cache positions) and at max context (through decode); in brackets their ratio, and the step at 64 "
