@@ -89,12 +89,12 @@ def main() -> None:
         source = f"random GLM-4 {WIDE}"
     rows = table(manifest)
     print(f"{source}" + (f", {params:,} parameters" if params else ""))
-    print(f"{'format':<8}{'precision':<10}{'bytes':>12}{'vs full':>9}{'vs fp32':>9}{'top-1':>8}{'mean KL':>10}")
+    print(f"{'format':<9}{'precision':<10}{'bytes':>12}{'vs full':>9}{'vs fp32':>9}{'top-1':>8}{'mean KL':>10}")
     for r in rows:
         top1 = "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}"
         kl = "-" if r["mean_kl"] is None else f"{r['mean_kl']:.1e}"
         print(
-            f"{r['format']:<8}{r['precision']:<10}{r['bytes']:>12,}{r['vs_full_precision']:>9.3f}"
+            f"{r['format']:<9}{r['precision']:<10}{r['bytes']:>12,}{r['vs_full_precision']:>9.3f}"
             f"{r['vs_fp32']:>9.3f}{top1:>8}{kl:>10}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,9 @@ def test_graph_io_follows_litert_lm(model, facts):
     shape = (1, TINY_TEXT["num_key_value_heads"], MAX_CONTEXT, 16)
     assert all(specs["decode"].example[name].shape == shape for name in caches)
     before = [torch.randn(shape) for _ in caches]
-    out = specs["decode_64"].module(torch.tensor([[7]], dtype=torch.int32), torch.tensor([9], dtype=torch.int32), *before)
+    out = specs["decode_64"].module(
+        torch.tensor([[7]], dtype=torch.int32), torch.tensor([9], dtype=torch.int32), *before
+    )
     assert out[0].shape == (1, 1, model.config.vocab_size)
     for old, new in zip(before, out[1:], strict=True):
         changed = (old != new).any(dim=-1)[0, 0]
@@ -310,6 +312,16 @@ def test_manifest_files_hashes_and_io_spec(exported, model):
     assert "| tflite | int8 |" in report and "report.png" in report
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir() if p.name != out.name] == []  # no temp folder left
+    # and nothing in the folder the manifest does not account for (e.g. a runtime's kernel cache)
+    listed = [a["file"] for a in manifest["artifacts"]] + [
+        a["weights"]["file"] for a in manifest["artifacts"] if "weights" in a
+    ]
+    for path in out.rglob("*"):
+        name = str(path.relative_to(out))
+        if path.is_file() and not name.startswith("tokenizer/"):
+            assert name in ("manifest.json", "report.md", "report.png") or any(
+                name == f or name.startswith(f + "/") for f in listed
+            ), name
 
 
 @pytest.mark.slow

@@ -477,7 +477,8 @@ def _has_effects(node: torch.fx.Node) -> bool:
 
 def used_parameters(spec: GraphSpec) -> dict[str, torch.Tensor]:
     """The parameters the graph really uses (a graph holds the whole model, vision tower included, and a prefill graph
-    computes no logits), under the names torch.export gives them, which are the names the converter derives its constants' names from."""
+    computes no logits), under the names torch.export gives them, which are the names the converter derives its
+    constants' names from."""
     if not hasattr(spec, "_used_parameters"):
         with torch.no_grad():
             program = torch.export.export(spec.module, tuple(spec.example.values()))

@@ -47,7 +47,11 @@ class ExportSettings:
     """What to export and how hard to check it (``conf/export/default.yaml`` mirrors these fields)."""
 
     max_context: int = 512
-    prefill_buckets: Sequence[int] = (64, 128, 256)  # prefill graphs of these lengths (those < max_context) + max_context
+    prefill_buckets: Sequence[int] = (
+        64,
+        128,
+        256,
+    )  # prefill graphs of these lengths (those < max_context) + max_context
     formats: Sequence[str] = ("onnx", "tflite", "litertlm", "coreml")
     quantize: bool = True  # also write the int8 and int4 artifacts
     max_new_tokens: int = 32  # greedy tokens compared per golden prompt

@@ -119,7 +119,9 @@ class _Glm4Graph(nn.Module):
 
             zero = torch.zeros((), dtype=torch.int32)
             return dynamic_update_slice(cache, new, [zero, zero, input_pos[0].reshape(()).int(), zero])
-        if self.update == "one_hot":  # a matmul with the one-hot [S, C] of the positions (Core ML: no scatter of S rows)
+        if (
+            self.update == "one_hot"
+        ):  # a matmul with the one-hot [S, C] of the positions (Core ML: no scatter of S rows)
             hit = (self.key_positions[None, :] == input_pos.long()[:, None]).to(new.dtype)  # [S, C]
             keep = 1.0 - hit.sum(0)[:, None]  # [C, 1]
             return cache * keep + torch.matmul(hit.transpose(0, 1), new)
@@ -358,12 +360,10 @@ class GraphSpec:
         return tuple(self.example)
 
 
-def graph_modules(
-    model: nn.Module, facts: Mapping[str, Any], update: str = "index_put"
-) -> dict[str, nn.Module]:
-    """The eval-mode graph wrappers of ``model``: ``prefill_<S>`` per prefill bucket (``facts["prefill_buckets"]``, default: one
-    of ``max_context``), ``decode`` and ``decode_<W>`` (attending to the first W cache positions) per bucket below
-    ``max_context``, plus ``vision`` for an image-text student (``facts["image"]`` gives its fixed grid)."""
+def graph_modules(model: nn.Module, facts: Mapping[str, Any], update: str = "index_put") -> dict[str, nn.Module]:
+    """The eval-mode graph wrappers of ``model``: ``prefill_<S>`` per prefill bucket (``facts["prefill_buckets"]``,
+    default: one of ``max_context``), ``decode`` and ``decode_<W>`` (attending to the first W cache positions) per
+    bucket below ``max_context``, plus ``vision`` for an image-text student (``facts["image"]`` gives its grid)."""
     context = int(facts["max_context"])
     lengths = facts.get("prefill_buckets") or [context]
     windows = [n for n in lengths if n < context]

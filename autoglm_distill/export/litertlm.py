@@ -71,7 +71,11 @@ def generate(path: Path, texts: Sequence[str], max_new_tokens: int) -> tuple[lis
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     answers, timing = [], {}
-    with litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(), enable_benchmark=True) as engine:
+    # (the engine caches compiled XNNPACK kernels beside the model unless told otherwise: not in the export folder)
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(), cache_dir=cache, enable_benchmark=True) as engine,
+    ):
         for text in texts:
             session = engine.create_session(
                 apply_prompt_template=False,
@@ -109,6 +113,8 @@ def check(path: Path, tokenizer, goldens, expected: Sequence[Sequence[int]], fac
         "same_text_as_tflite": sum(same),
         "bar": "every greedy answer equals the .tflite's through the reference protocol",
         "passed": all(same),
-        "first_mismatch": None if all(same) else {"bundle": answers[same.index(False)], "tflite": wanted[same.index(False)]},
+        "first_mismatch": None
+        if all(same)
+        else {"bundle": answers[same.index(False)], "tflite": wanted[same.index(False)]},
         **{f"litertlm_{k}": v for k, v in timing.items()},
     }

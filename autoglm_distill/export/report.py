@@ -44,16 +44,15 @@ def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, 
         tokens = torch.full((1, bucket), session.pad, dtype=torch.int32)
         chunk = golden.prompt[:bucket]
         tokens[0, : len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
-        input_pos = torch.arange(bucket, dtype=torch.int32)
-        graph = graphs[f"prefill_{bucket}"]
-        prefill[str(bucket)] = timed(lambda: graph(tokens, input_pos, *extras, *caches))
+        args = (tokens, torch.arange(bucket, dtype=torch.int32), *extras, *caches)
+        prefill[str(bucket)] = timed(lambda graph=graphs[f"prefill_{bucket}"], args=args: graph(*args))
     decode = {}
     token = torch.tensor([[golden.prompt[-1]]], dtype=torch.int32)
     short = min(64, session.context)
     for context in sorted({short, session.context}):
-        position = torch.tensor([context - 1], dtype=torch.int32)
         graph = graphs[next((f"decode_{w}" for w in session.windows if context - 1 < w), "decode")]
-        decode[str(context)] = timed(lambda: graph(token, position, *caches))
+        args = (token, torch.tensor([context - 1], dtype=torch.int32), *caches)
+        decode[str(context)] = timed(lambda graph=graph, args=args: graph(*args))
     position = torch.tensor([short - 1], dtype=torch.int32)
     whole_cache = timed(lambda: graphs["decode"](token, position, *caches))
     return {
@@ -97,7 +96,9 @@ def size_rows(manifest: Mapping[str, Any]) -> list[dict]:
 def _parity_text(parity: Mapping[str, Any]) -> str:
     if "same_text_as_tflite" in parity:
         status = "pass" if parity["passed"] else "FAIL"
-        return f"{status}: LiteRT-LM engine, {parity['same_text_as_tflite']}/{parity['prompts']} answers = the .tflite's"
+        return (
+            f"{status}: LiteRT-LM engine, {parity['same_text_as_tflite']}/{parity['prompts']} answers = the .tflite's"
+        )
     if parity["kind"] == "structural":
         checks = [v for v in parity.values() if isinstance(v, Mapping)]
         weights = sum(c["weights_checked"] for c in checks)
@@ -117,16 +118,20 @@ def _chart(rows: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['format']}\n{r['precision']}" for r in rows]
-    fig, (size_ax, prefill_ax, decode_ax) = plt.subplots(1, 3, figsize=(15, 4))
-    size_ax.bar(labels, [r["bytes"] / 1e6 for r in rows], color="#4C72B0")
-    size_ax.set_ylabel("MB on disk")
+    fig, (size_ax, prefill_ax, decode_ax) = plt.subplots(1, 3, figsize=(15, 4.5))
+    labels = [f"{r['format']} {r['precision']}" for r in rows]
+    size_ax.barh(labels[::-1], [r["bytes"] / 1e6 for r in rows][::-1], color="#4C72B0")
+    size_ax.set_xlabel("MB on disk")
     size_ax.set_title("Artifact size")
     timed = [r for r in rows if r["latency"]]
     for r in timed:
         prefill = r["latency"]["prefill_ms_median"]
-        prefill_ax.plot([int(b) for b in prefill], list(prefill.values()), marker="o", label=f"{r['format']} {r['precision']}")
+        prefill_ax.plot(
+            [int(b) for b in prefill], list(prefill.values()), marker="o", label=f"{r['format']} {r['precision']}"
+        )
     prefill_ax.set_xscale("log", base=2)
+    buckets = sorted({int(b) for r in timed for b in r["latency"]["prefill_ms_median"]})
+    prefill_ax.set_xticks(buckets, [str(b) for b in buckets])
     prefill_ax.set_xlabel("prefill bucket (tokens)")
     prefill_ax.set_ylabel("ms, median")
     prefill_ax.set_title("Prefill per bucket (CPU, this machine)")
@@ -186,8 +191,8 @@ def write_report(folder: Path, manifest: Mapping[str, Any]) -> None:
         "first 64 cache positions) and at max context (through decode); in brackets their ratio, and the step at 64 "
         "through decode, which reads the whole cache.",
         "",
-        "| format | precision | files | MB | vs full precision | vision ms | prefill ms by bucket | decode ms by context "
-        "| parity |",
+        "| format | precision | files | MB | vs full precision | vision ms | prefill ms by bucket "
+        "| decode ms by context | parity |",
         "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for r in rows:

@@ -2,10 +2,10 @@
 
 A ``Session`` drives one set of graphs (the PyTorch wrappers, or onnxruntime / LiteRT callables with the same
 signatures) through a prompt: ``vision`` on the screenshot when there is one, ``prefill_<S>`` chunks, then ``decode``
-one token at a time. The PyTorch wrappers (exact against the HF model) give the reference: per golden prompt, their greedy tokens
-and the logits of every step along that path. An artifact is then (1) teacher-forced along the same path, giving max
-|delta logit|, cosine and top-1 agreement per position, and (2) left to generate greedily on its own, which must give
-the same tokens.
+one token at a time. The PyTorch wrappers (exact against the HF model) give the reference: per golden prompt, their
+greedy tokens and the logits of every step along that path. An artifact is then (1) teacher-forced along the same
+path, giving max |delta logit|, cosine, top-1 agreement and KL per position, and (2) left to generate greedily on its
+own, which must give the same tokens.
 """
 
 from __future__ import annotations
