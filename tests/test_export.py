@@ -445,6 +445,11 @@ def test_reference_runner_errors_name_the_fix(exported, tmp_path):
         runner.run(tmp_path, "x")
     with pytest.raises(runner.ExportFolderError, match="onnx/fp32"):
         runner.run(out, "x", fmt="onnx", precision="int2")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"manifest_version": 1, "artifacts": []}))
+    with pytest.raises(runner.ExportFolderError, match="export the student again"):
+        runner.run(old, "x")
     proc = subprocess.run(
         [sys.executable, "-m", "autoglm_distill.export.runner", str(tmp_path), "--prompt", "x"],
         capture_output=True,

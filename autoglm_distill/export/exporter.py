@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 BACKENDS = {"onnx": onnx, "tflite": tflite, "coreml": coreml}
 # litertlm bundles each TFLite precision with the tokenizer and chat template (export/litertlm.py).
 FORMATS = (*BACKENDS, litertlm.FORMAT)
-MANIFEST_VERSION = 1
+# 2: a KV cache per layer, prefill_<S> buckets and decode windows (1: one prefill of C tokens, whole-cache tensors)
+MANIFEST_VERSION = 2
 
 
 @dataclass
@@ -47,11 +48,8 @@ class ExportSettings:
     """What to export and how hard to check it (``conf/export/default.yaml`` mirrors these fields)."""
 
     max_context: int = 512
-    prefill_buckets: Sequence[int] = (
-        64,
-        128,
-        256,
-    )  # prefill graphs of these lengths (those < max_context) + max_context
+    # prefill graphs of these lengths (those below max_context) and of max_context; decode windows of the same
+    prefill_buckets: Sequence[int] = (64, 128, 256)
     formats: Sequence[str] = ("onnx", "tflite", "litertlm", "coreml")
     quantize: bool = True  # also write the int8 and int4 artifacts
     max_new_tokens: int = 32  # greedy tokens compared per golden prompt

@@ -54,7 +54,13 @@ def read_manifest(folder: Path) -> dict:
             f"{path} not found: {folder} is not a finished export folder (an interrupted export leaves none). "
             "Export with `python -m autoglm_distill.export student=<folder>`."
         )
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("manifest_version", 1) < 2:
+        raise ExportFolderError(
+            f"{path} is a version-1 export (one padded prefill graph, whole-cache tensors), which this runner does not "
+            "drive: export the student again with `python -m autoglm_distill.export student=<folder>`."
+        )
+    return manifest
 
 
 def artifact_files(artifact: dict) -> list[dict]:
