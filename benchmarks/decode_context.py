@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export_sizes import NO_QUANTIZED_BARS, WIDE, wide_export  # noqa: E402
 
 from autoglm_distill.export import ExportSettings  # noqa: E402
-
-
-def _median_ms(fn, runs: int) -> float:
-    fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+from autoglm_distill.export.report import median_ms  # noqa: E402
 
 
 def onnx_in_place(path: Path, position: int, runs: int) -> dict:
@@ -75,8 +64,8 @@ def onnx_in_place(path: Path, position: int, runs: int) -> dict:
         np.array_equal(buffers[n].numpy(), expected[n.replace("past_key_values.", "present.")]) for n in caches
     )
     return {
-        "plain_ms": _median_ms(lambda: session.run(None, feeds), runs),
-        "in_place_ms": _median_ms(lambda: session.run_with_iobinding(binding), runs),
+        "plain_ms": median_ms(lambda: session.run(None, feeds), runs),
+        "in_place_ms": median_ms(lambda: session.run_with_iobinding(binding), runs),
         "in_place_matches_plain": same,
     }
 

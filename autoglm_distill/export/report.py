@@ -10,9 +10,21 @@ from typing import Any
 
 import torch
 
-from autoglm_distill.export.runner import artifact_files
+from autoglm_distill.export.runner import artifact_files, decode_graph
 
 WARMUP_RUNS = 2
+
+
+def median_ms(fn: Callable[[], Any], runs: int) -> float:
+    """Median wall time in ms of ``runs`` calls of ``fn``, after ``WARMUP_RUNS`` untimed ones."""
+    for _ in range(WARMUP_RUNS):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
 
 
 def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, Any], runs: int) -> dict:
@@ -24,19 +36,9 @@ def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, 
 
     session = Session(graphs, facts)
 
-    def timed(fn: Callable[[], Any]) -> float:
-        for _ in range(WARMUP_RUNS):
-            fn()
-        samples = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(samples)
-
     out = {}
     if "vision" in graphs:
-        out["vision_ms_median"] = timed(lambda: graphs["vision"](golden.pixel_values))
+        out["vision_ms_median"] = median_ms(lambda: graphs["vision"](golden.pixel_values), runs)
     extras = session.image_inputs(golden)
     caches = [torch.zeros(session.cache_shape) for _ in range(session.num_caches)]
     prefill = {}
@@ -45,16 +47,16 @@ def measure_latency(graphs: Mapping[str, Callable], golden, facts: Mapping[str, 
         chunk = golden.prompt[:bucket]
         tokens[0, : len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
         args = (tokens, torch.arange(bucket, dtype=torch.int32), *extras, *caches)
-        prefill[str(bucket)] = timed(lambda graph=graphs[f"prefill_{bucket}"], args=args: graph(*args))
+        prefill[str(bucket)] = median_ms(lambda graph=graphs[f"prefill_{bucket}"], args=args: graph(*args), runs)
     decode = {}
     token = torch.tensor([[golden.prompt[-1]]], dtype=torch.int32)
     short = min(64, session.context)
     for context in sorted({short, session.context}):
-        graph = graphs[next((f"decode_{w}" for w in session.windows if context - 1 < w), "decode")]
+        graph = graphs[decode_graph(context - 1, graphs)]
         args = (token, torch.tensor([context - 1], dtype=torch.int32), *caches)
-        decode[str(context)] = timed(lambda graph=graph, args=args: graph(*args))
+        decode[str(context)] = median_ms(lambda graph=graph, args=args: graph(*args), runs)
     position = torch.tensor([short - 1], dtype=torch.int32)
-    whole_cache = timed(lambda: graphs["decode"](token, position, *caches))
+    whole_cache = median_ms(lambda: graphs["decode"](token, position, *caches), runs)
     return {
         **out,
         "prefill_ms_median": prefill,

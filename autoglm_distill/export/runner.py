@@ -128,6 +128,13 @@ def prefill_plan(tokens: int, buckets: list[int], context: int) -> list[int]:
     return chunks
 
 
+def decode_graph(position: int, graphs) -> str:
+    """The graph that decodes at ``position`` (step 4): the smallest ``decode_<W>`` window with ``position < W`` among
+    ``graphs`` (names), else ``decode``."""
+    windows = sorted(int(g.split("_")[1]) for g in graphs if g.startswith("decode_"))
+    return next((f"decode_{w}" for w in windows if position < w), "decode")
+
+
 def load_steps(folder: Path, manifest: dict, fmt: str, precision: str) -> dict[str, Step]:
     """Every graph of one format and precision, each taking and returning ``{name: array}``."""
     files = _artifacts(manifest, fmt, precision)
@@ -178,11 +185,8 @@ def generate(
         extras["image_embeds"] = steps["vision"]({"pixel_values": pixel_values.astype(np.float32)})["image_embeds"]
         extras["image_start"] = np.array([prompt.index(image["token_id"])], dtype=np.int32)
 
-    windows = sorted(int(g.split("_")[1]) for g in steps if g.startswith("decode_"))
-
     def decode(token: int, position: int) -> dict[str, np.ndarray]:
-        """Through the smallest decode_<W> window that holds the position, else decode."""
-        return run(next((f"decode_{w}" for w in windows if position < w), "decode"), [token], 1, position)
+        return run(decode_graph(position, steps), [token], 1, position)
 
     def run(graph: str, tokens: list[int], size: int, start: int) -> dict[str, np.ndarray]:
         ids = np.full((1, size), model["pad_token_id"], dtype=np.int32)

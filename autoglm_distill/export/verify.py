@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from autoglm_distill.export.graphs import graph_modules
-from autoglm_distill.export.runner import prefill_plan
+from autoglm_distill.export.runner import decode_graph, prefill_plan
 
 StepFn = Callable[..., Any]
 
@@ -90,7 +90,6 @@ class Session:
         self.pad = int(facts["pad_token_id"])
         self.image = facts.get("image")
         self.buckets = sorted(int(n) for n in facts.get("prefill_buckets") or [self.context])
-        self.windows = sorted(int(g.split("_")[1]) for g in graphs if g.startswith("decode_"))
         self.cache_shape = (1, int(facts["num_kv_heads"]), self.context, int(facts["head_dim"]))
         self.num_caches = 2 * int(facts["num_layers"])
 
@@ -133,8 +132,9 @@ class Session:
         ``decode``); returns the logits [V] that follow it."""
         if self.position >= self.context:
             raise ValueError(f"max_context={self.context} reached")
-        graph = next((f"decode_{w}" for w in self.windows if self.position < w), "decode")
-        out = self.graphs[graph](torch.tensor([[token]], dtype=torch.int32), _int32(self.position), *self.caches)
+        out = self.graphs[decode_graph(self.position, self.graphs)](
+            torch.tensor([[token]], dtype=torch.int32), _int32(self.position), *self.caches
+        )
         logits, *self.caches = out
         self.position += 1
         return logits.reshape(-1).float()
