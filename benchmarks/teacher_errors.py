@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from teacher_targets import add_teacher_args, load_teacher, write_result  # noqa: E402  (benchmarks/, the script's folder)
 
 from autoglm_distill.actions import POINT_ACTIONS, action_type, split_response, step_correct, try_parse  # noqa: E402
 from autoglm_distill.data.episodes import EpisodeFormat  # noqa: E402
@@ -64,19 +64,10 @@ def errors_by_screen(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, required=True, help="a text teacher folder (from_pretrained)")
-    parser.add_argument("--data", type=Path, required=True, help="a data folder with train/val/test.jsonl")
-    parser.add_argument("--splits", nargs="+", default=["train", "test"])
-    parser.add_argument("--history-steps", type=int, default=None)
-    parser.add_argument("--elements-in-text", action="store_true")
-    parser.add_argument("--max-length", type=int, default=512)
+    add_teacher_args(parser, "benchmarks/results/teacher_errors.json")
     parser.add_argument("--limit", type=int, default=None, help="the first N steps of each split (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher_errors.json"))
     args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    model = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
-    encoder = ChatEncoder(tokenizer, max_length=args.max_length)
-    fmt = EpisodeFormat(history_steps=args.history_steps, elements_in_text=args.elements_in_text)
+    model, encoder, fmt = load_teacher(args)
     result = {s: errors_by_screen(model, encoder, args.data, s, fmt, args.limit) for s in args.splits}
     print("| split | screen | steps | step success | point steps | points in target | missed, thought right |")
     print("|---|---|---|---|---|---|---|")
@@ -87,9 +78,7 @@ def main() -> None:
                 f"| {split} | {app} | {r['steps']} | {r['step_success'] / r['steps']:.3f} | {points} "
                 f"| {r.get('points_in_target', 0)} | {r.get('missed_with_reference_thought', 0)} |"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"teacher": str(args.teacher), "data": str(args.data), **result}, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args, result)
 
 
 if __name__ == "__main__":

@@ -50,21 +50,38 @@ def target_stats(model, encoder: ChatEncoder, data: Path, split: str, fmt: Episo
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_teacher_args(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options of a benchmark that runs a text teacher over data splits in a run's chat format."""
     parser.add_argument("--teacher", type=Path, required=True, help="a text teacher folder (from_pretrained)")
     parser.add_argument("--data", type=Path, required=True, help="a data folder with train/val/test.jsonl")
     parser.add_argument("--splits", nargs="+", default=["train", "test"])
     parser.add_argument("--history-steps", type=int, default=None)
     parser.add_argument("--elements-in-text", action="store_true")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--limit", type=int, default=800, help="examples per split")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher_targets.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def load_teacher(args: argparse.Namespace) -> tuple:
+    """The teacher (eval mode), its chat encoder and the episode format named by ``add_teacher_args``'s options."""
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     model = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     encoder = ChatEncoder(tokenizer, max_length=args.max_length)
-    fmt = EpisodeFormat(history_steps=args.history_steps, elements_in_text=args.elements_in_text)
+    return model, encoder, EpisodeFormat(history_steps=args.history_steps, elements_in_text=args.elements_in_text)
+
+
+def write_result(args: argparse.Namespace, result: dict) -> None:
+    """``result`` per split, with the teacher and data it was measured on, to ``--out`` as JSON."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"teacher": str(args.teacher), "data": str(args.data), **result}, indent=2))
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_teacher_args(parser, "benchmarks/results/teacher_targets.json")
+    parser.add_argument("--limit", type=int, default=800, help="examples per split")
+    args = parser.parse_args()
+    model, encoder, fmt = load_teacher(args)
     result = {s: target_stats(model, encoder, args.data, s, fmt, args.limit) for s in args.splits}
     print("| split | examples | answer tokens | entropy (nats) | p(reference) | share p(reference) > 0.99 |")
     print("|---|---|---|---|---|---|")
@@ -73,9 +90,7 @@ def main() -> None:
             f"| {split} | {r['examples']} | {r['tokens']} | {r['entropy_nats']:.3f} | {r['p_reference']:.3f} "
             f"| {r['share_p_reference_over_0.99']:.3f} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"teacher": str(args.teacher), "data": str(args.data), **result}, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args, result)
 
 
 if __name__ == "__main__":
