@@ -313,9 +313,7 @@ def test_manifest_files_hashes_and_io_spec(exported, model):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir() if p.name != out.name] == []  # no temp folder left
     # and nothing in the folder the manifest does not account for (e.g. a runtime's kernel cache)
-    listed = [a["file"] for a in manifest["artifacts"]] + [
-        a["weights"]["file"] for a in manifest["artifacts"] if "weights" in a
-    ]
+    listed = [entry["file"] for a in manifest["artifacts"] for entry in runner.artifact_files(a)]
     for path in out.rglob("*"):
         name = str(path.relative_to(out))
         if path.is_file() and not name.startswith("tokenizer/"):

@@ -119,9 +119,8 @@ class _Glm4Graph(nn.Module):
 
             zero = torch.zeros((), dtype=torch.int32)
             return dynamic_update_slice(cache, new, [zero, zero, input_pos[0].reshape(()).int(), zero])
-        if (
-            self.update == "one_hot"
-        ):  # a matmul with the one-hot [S, C] of the positions (Core ML: no scatter of S rows)
+        if self.update == "one_hot":
+            # a matmul with the one-hot [S, C] of the positions (Core ML: no scatter of S rows at a run-time position)
             hit = (self.key_positions[None, :] == input_pos.long()[:, None]).to(new.dtype)  # [S, C]
             keep = 1.0 - hit.sum(0)[:, None]  # [C, 1]
             return cache * keep + torch.matmul(hit.transpose(0, 1), new)

@@ -106,6 +106,7 @@ def check(path: Path, tokenizer, goldens, expected: Sequence[Sequence[int]], fac
         wanted.append(tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True))
     answers, timing = generate(path, texts, max(len(t) for t in expected))
     same = [a == w for a, w in zip(answers, wanted, strict=True)]
+    first = next((i for i, ok in enumerate(same) if not ok), None)
     return {
         "kind": "runtime",
         "runtime": "LiteRT-LM Engine (CPU)",
@@ -113,8 +114,6 @@ def check(path: Path, tokenizer, goldens, expected: Sequence[Sequence[int]], fac
         "same_text_as_tflite": sum(same),
         "bar": "every greedy answer equals the .tflite's through the reference protocol",
         "passed": all(same),
-        "first_mismatch": None
-        if all(same)
-        else {"bundle": answers[same.index(False)], "tflite": wanted[same.index(False)]},
+        "first_mismatch": None if first is None else {"bundle": answers[first], "tflite": wanted[first]},
         **{f"litertlm_{k}": v for k, v in timing.items()},
     }
