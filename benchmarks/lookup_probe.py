@@ -2,6 +2,8 @@
 
     python benchmarks/lookup_probe.py                 # ~9 min on 2 cores
     python benchmarks/lookup_probe.py --steps 8000 --tasks icon_lookup --out benchmarks/results/lookup_probe_long.json
+    python benchmarks/lookup_probe.py --steps 1500 --tasks icon_lookup --recall-first 2500 \
+        --out benchmarks/results/lookup_probe_transfer.json
 
 A tap on a named element needs the model to find the line ``[k] Settings @ [870,200]`` whose name is the one in
 its thought and copy the coordinates after it: associative recall (a key, then its value a few tokens later). The
@@ -15,6 +17,9 @@ samples every step) separate "cannot copy" from "cannot find":
 - ``recall_one``: raw tokens ``k1 v1 ; k2 v2 ; k3 v3 | kq`` -> ``vq`` (3 pairs, one query, loss on it only).
 - ``recall_all``: the same pairs, then all three keys queried in random order, loss on every answer (denser
   supervision: three lookups per sequence instead of one). Accuracy on the first query (no earlier answer helps).
+
+``--recall-first N`` starts every run from a model trained on ``recall_all`` for N steps: whether the recall
+circuit, once made on raw tokens, carries over to the agent's element list.
 
 Accuracy: share of fresh held-out examples whose coordinates (both) or value the model ranks first, teacher-forced.
 Prints a table, writes JSON and a plot of the accuracy curves to benchmarks/results/.
@@ -118,12 +123,10 @@ def accuracy(model, batch: dict, scored: torch.Tensor) -> float:
     return float(right.all(dim=1).float().mean())
 
 
-def train_curve(task: str, batch_size: int, steps: int, lr: float, config: dict, tokenizer, seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = build_model("glm4", config, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+def fit(model, optimizer, task: str, batch_size: int, steps: int, tokenizer, seed: int) -> list[tuple[int, float]]:
+    """Train on fresh ``task`` samples; held-out accuracy at 8 points along the way."""
     rng, held = random.Random(seed), make_batch(task, tokenizer, random.Random(seed + 1), 256)
-    curve, started = [], time.perf_counter()
+    curve = []
     for step in range(1, steps + 1):
         batch, _ = make_batch(task, tokenizer, rng, batch_size)
         model(**batch).loss.backward()
@@ -133,8 +136,22 @@ def train_curve(task: str, batch_size: int, steps: int, lr: float, config: dict,
         if step % max(1, steps // 8) == 0 or step == steps:
             curve.append((step, accuracy(model.eval(), *held)))
             model.train()
-    return {"task": task, "batch_size": batch_size, "steps": steps, "lr": lr, "curve": curve,
-            "accuracy": curve[-1][1], "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    return curve
+
+
+def train_curve(
+    task: str, batch_size: int, steps: int, lr: float, config: dict, tokenizer, seed: int, recall_first: int
+) -> dict:
+    """One run from a random init; with ``recall_first`` steps of ``recall_all`` (batch 64) before ``task``."""
+    torch.manual_seed(seed)
+    model = build_model("glm4", config, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    started, result = time.perf_counter(), {"task": task, "batch_size": batch_size, "steps": steps, "lr": lr}
+    if recall_first:
+        first = fit(model, optimizer, "recall_all", 64, recall_first, tokenizer, seed)
+        result |= {"recall_first": recall_first, "recall_first_accuracy": first[-1][1]}
+    curve = fit(model, optimizer, task, batch_size, steps, tokenizer, seed)
+    return result | {"curve": curve, "accuracy": curve[-1][1], "seconds": round(time.perf_counter() - started, 1)}
 
 
 def chance(task: str) -> float:
@@ -165,6 +182,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3, help="the demo teacher's 3e-3 learns the probes worse")
     parser.add_argument("--tasks", nargs="+", default=[t for t, _, _ in RUNS], choices=[t for t, _, _ in RUNS])
+    parser.add_argument(
+        "--recall-first", type=int, default=0, help="train recall_all this many steps first: does the circuit transfer?"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lookup_probe.json")
     args = parser.parse_args()
@@ -177,8 +197,11 @@ def main() -> None:
     results = []
     for task, batch_size, share in (r for r in RUNS if r[0] in args.tasks):
         steps = max(1, round(args.steps * share))
-        results.append(train_curve(task, batch_size, steps, args.lr, config, tokenizer, args.seed))
-        print(f"{task}: accuracy {results[-1]['accuracy']:.2f} after {steps} steps, {results[-1]['seconds']} s")
+        results.append(train_curve(task, batch_size, steps, args.lr, config, tokenizer, args.seed, args.recall_first))
+        r = results[-1]
+        made = r.get("recall_first_accuracy")
+        first = f" (after {args.recall_first} steps of recall_all: {made:.2f})" if made is not None else ""
+        print(f"{task}: accuracy {r['accuracy']:.2f} after {steps} steps{first}, {r['seconds']} s")
 
     print("\n| task | batch | steps | held-out accuracy | an icon or pair at random | curve (step: accuracy) |")
     print("|---|---|---|---|---|---|")
